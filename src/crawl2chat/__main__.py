@@ -1,0 +1,3 @@
+from crawl2chat.cli import main
+
+main()

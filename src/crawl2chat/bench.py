@@ -1,0 +1,122 @@
+"""`c2c bench`: every figure beside a baseline measured in the same run, written to bench.json."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from crawl2chat.common import atomic_write_json
+from crawl2chat.config import get_preset
+
+console = Console()
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """Measured FLOP/s of one n×n matmul in `dtype`: the machine's practical peak."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def train_throughput(dtype: str, compile: bool, steps: int, preset: str = "tiny") -> dict:
+    """Tokens/s and FLOP/s of full training steps (forward, backward, AdamW) on random tokens."""
+    from crawl2chat.model import GPT, GPTConfig
+    from crawl2chat.train import autocast
+    cfg = get_preset(preset)
+    mcfg = GPTConfig.from_depth(cfg.model.depth, cfg.tokenizer.vocab_size, cfg.model.seq_len,
+                                cfg.model.aspect_ratio, cfg.model.head_dim)
+    torch.manual_seed(0)
+    model = GPT(mcfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    fwd = torch.compile(model) if compile else model
+    B, T = cfg.pretrain.batch_size, mcfg.seq_len
+    x = torch.randint(0, mcfg.vocab_size, (B, T))
+    y = torch.randint(0, mcfg.vocab_size, (B, T))
+    times = []
+    for i in range(steps + 2):  # two warm-up steps (compilation happens there)
+        t0 = time.perf_counter()
+        with autocast(torch.device("cpu"), dtype):
+            loss = fwd(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    dt = sorted(times)[len(times) // 2]  # median step
+    tok_s = B * T / dt
+    return {"tok_per_s": tok_s, "flops": model.flops_per_token() * tok_s, "params": model.num_params()}
+
+
+def bench_train(steps: int) -> dict:
+    from crawl2chat.train import resolve_dtype
+    tc = get_preset("tiny").pretrain
+    ours_dtype = resolve_dtype(tc.dtype, torch.device("cpu"))
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    runs = {}
+    for dtype in ("fp32", "bf16"):
+        for comp in (False, True):
+            name = f"{dtype}{'+compile' if comp else ''}"
+            with console.status(f"bench train: {name}"):
+                r = train_throughput(dtype, comp, steps)
+            r["share_of_peak"] = r["flops"] / peaks[dtype]
+            runs[name] = r
+    ours_name = f"{ours_dtype}{'+compile' if tc.compile else ''}"
+    ours, base = runs[ours_name]["tok_per_s"], runs["fp32"]["tok_per_s"]
+    return {"ours": ours, "baseline": base, "ratio": ours / base, "unit": "tok/s",
+            "ours_is": f"tiny preset as configured ({ours_name})", "baseline_is": "fp32 eager, same model",
+            "matmul_peak_flops": peaks, "runs": runs,
+            "ours_share_of_bf16_peak": runs[ours_name]["flops"] / peaks["bf16"]}
+
+
+def bench_tokenizer_world() -> dict:
+    from crawl2chat import world
+    from crawl2chat.bench_tokenizer import bench_tokenizer
+    cfg = get_preset("tiny")
+    texts = [d["text"] for d in world.build_world(cfg.world)["documents"]]
+    with console.status("bench tokenizer"):
+        return bench_tokenizer(texts, cfg.tokenizer.vocab_size)
+
+
+def run_benchmarks(what: str, out: Path, steps: int = 10) -> dict:
+    torch.set_num_threads(torch.get_num_threads())
+    results = json.loads(out.read_text()) if out.exists() else {}
+    if what in ("all", "train"):
+        results["train"] = bench_train(steps)
+    if what in ("all", "tokenizer"):
+        tok = bench_tokenizer_world()
+        results["tokenizer"] = {**tok["train"], "encode": tok["encode"], "input": tok["input"]}
+    atomic_write_json(out, results)
+    show(results)
+    console.print(f"wrote {out}")
+    return results
+
+
+def show(results: dict) -> None:
+    table = Table(title="c2c bench")
+    for col in ("benchmark", "ours", "baseline", "ratio", "unit", "baseline is"):
+        table.add_column(col)
+
+    def row(name, e):
+        table.add_row(name, f"{e['ours']:.4g}", f"{e['baseline']:.4g}", f"{e['ratio']:.2f}×", e["unit"], e["baseline_is"])
+
+    if "train" in results:
+        t = results["train"]
+        row("train (tiny)", t)
+        for name, r in t["runs"].items():
+            dt = name.split("+")[0]
+            table.add_row(f"  {name}", f"{r['tok_per_s']:.0f} tok/s", f"{r['flops'] / 1e9:.1f} GFLOP/s",
+                          f"{r['share_of_peak']:.1%}", f"of {dt} peak",
+                          f"{t['matmul_peak_flops'][dt] / 1e9:.0f} GFLOP/s matmul")
+    if "tokenizer" in results:
+        row("tokenizer train", results["tokenizer"])
+        row("tokenizer encode", results["tokenizer"]["encode"])
+    console.print(table)

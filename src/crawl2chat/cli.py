@@ -1,0 +1,139 @@
+"""c2c: one subcommand per stage, plus run, sample, show-tokens and bench."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from crawl2chat.common import C2CError
+
+STAGE_HELP = {
+    "world": "generate the synthetic world: people, pages, problems and their ground truth",
+    "tokenizer": "train the byte-level BPE tokenizer on the corpus (tokenizer/tokenizer.json)",
+    "tokenize": "turn the corpus into train/val token shards, documents joined by <|bos|>",
+    "pretrain": "train the base GPT by next-token prediction (torchrun-able for DDP)",
+}
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=None,
+                   help="run directory (default: runs/<preset>)")
+    p.add_argument("--preset", default=None,
+                   help="tiny (CPU default), smoke (seconds, for tests), gpu-d12, gpu-d20; "
+                        "default: the run directory's saved config, else tiny")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override one config field, e.g. --set pretrain.steps=500 (repeatable)")
+    p.add_argument("--force", action="store_true", help="redo the stage even if it is complete")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="c2c", description="crawl2chat: from a raw web crawl to a chat assistant. "
+        "`c2c run` runs every stage in order into one run directory; each stage also runs alone.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run every stage in order, skipping the ones already complete",
+                       description="Run world → tokenizer → tokenize → pretrain into the run directory. "
+                       "A stage whose metrics.json matches the current configuration is skipped, "
+                       "so an interrupted run resumes.")
+    add_run_args(p)
+    p.add_argument("--until", default=None, help="stop after this stage")
+
+    for name, text in STAGE_HELP.items():
+        p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        add_run_args(p)
+        if name == "pretrain":
+            p.add_argument("--resume", action="store_true",
+                           help="continue from the latest checkpoint in <run>/base/checkpoints")
+
+    p = sub.add_parser("sample", help="print continuations of a prompt from a model checkpoint",
+                       description="Print continuations of --prompt from a trained model.")
+    p.add_argument("--out", type=Path, default=Path("runs/tiny"), help="run directory (default: runs/tiny)")
+    p.add_argument("--stage", default="base", help="model folder in the run directory (default: base)")
+    p.add_argument("--model", type=Path, default=None, help="a model folder (overrides --out/--stage)")
+    p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
+    p.add_argument("-n", "--num-samples", type=int, default=1)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("show-tokens", help="show how a tokenizer splits text, with token ids",
+                       description="Print TEXT with each token's boundary coloured, then the ids.")
+    p.add_argument("text", help="the text to tokenize")
+    p.add_argument("--out", type=Path, default=Path("runs/tiny"), help="run directory (default: runs/tiny)")
+    p.add_argument("--tokenizer", type=Path, default=None, help="a tokenizer.json or its folder")
+
+    p = sub.add_parser("bench", help="benchmarks, each beside a baseline measured in the same run",
+                       description="Run benchmarks and write bench.json: each figure beside a baseline "
+                       "measured in the same run, as a ratio.")
+    p.add_argument("what", nargs="?", default="all", choices=["all", "train", "tokenizer"])
+    p.add_argument("--out", type=Path, default=Path("bench.json"), help="where to write the JSON (default: bench.json)")
+    p.add_argument("--steps", type=int, default=10, help="timed training steps per configuration")
+    return parser
+
+
+def cmd_stage(args) -> None:
+    from crawl2chat.run import resolve_config, run_all, run_stage, save_config
+    run_dir = args.out or Path("runs") / (args.preset or "tiny")
+    cfg = resolve_config(run_dir, args.preset, args.overrides)
+    if args.command == "run":
+        run_all(run_dir, cfg, until=args.until, force=args.force)
+        return
+    if int(os.environ.get("RANK", 0)) == 0:
+        save_config(run_dir, cfg)
+    metrics = run_stage(args.command, run_dir, cfg, force=args.force, resume=getattr(args, "resume", False))
+    if int(os.environ.get("RANK", 0)) == 0:
+        shown = {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}
+        print(json.dumps(shown, indent=2))
+
+
+def cmd_sample(args) -> None:
+    import torch
+
+    from crawl2chat.engine import generate
+    from crawl2chat.tokenizer import Tokenizer
+    from crawl2chat.train import load_model
+    model_dir = args.model or args.out / args.stage
+    model = load_model(model_dir).eval()
+    tok_dir = args.out / "tokenizer" if args.model is None else model_dir
+    if not (Path(tok_dir) / "tokenizer.json").exists():
+        tok_dir = args.out / "tokenizer"
+    tok = Tokenizer.load(tok_dir)
+    prompt = [tok.bos_id] + tok.encode(args.prompt)
+    gen = torch.Generator().manual_seed(args.seed)
+    outs = generate(model, [prompt] * args.num_samples, args.max_tokens, temperature=args.temperature,
+                    top_k=args.top_k, stop_ids=[tok.bos_id], generator=gen)
+    for i, ids in enumerate(outs):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1}")
+        print(args.prompt + tok.decode([t for t in ids if t != tok.bos_id]))
+
+
+def cmd_show_tokens(args) -> None:
+    from crawl2chat.tokenizer import Tokenizer, show_tokens
+    show_tokens(Tokenizer.load(args.tokenizer or args.out / "tokenizer"), args.text)
+
+
+def cmd_bench(args) -> None:
+    from crawl2chat.bench import run_benchmarks
+    run_benchmarks(args.what, args.out, steps=args.steps)
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    handlers = {"sample": cmd_sample, "show-tokens": cmd_show_tokens, "bench": cmd_bench}
+    try:
+        handlers.get(args.command, cmd_stage)(args)
+    except C2CError as e:
+        print(f"c2c: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("c2c: interrupted (a checkpoint was saved where training was running; use --resume)", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

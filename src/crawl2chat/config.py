@@ -1,0 +1,137 @@
+"""Presets and stage settings. A preset is a full Config; command-line flags override fields."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+from crawl2chat.common import C2CError
+
+
+@dataclass
+class WorldConfig:
+    seed: int = 1337
+    n_known: int = 300            # people in the pretraining corpus (split in halves A and B)
+    n_search_only: int = 60       # pages only in the search index
+    n_unknown: int = 100          # nowhere
+    n_towns: int = 40
+    n_companies: int = 40
+    n_math_pages: int = 400       # worked arithmetic in prose
+    n_problems_train: int = 2000  # word problems with integer answers
+    n_problems_test: int = 200
+    n_bignum_train: int = 400     # large-number problems that need the Python tool
+    n_bignum_test: int = 100
+    val_fraction: float = 0.1     # share of town/company/math pages held out for val loss / bits per byte
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 2048
+
+
+@dataclass
+class ModelConfig:
+    depth: int = 4
+    aspect_ratio: int = 64        # width = depth * aspect_ratio (rounded up to a multiple of head_dim)
+    head_dim: int = 64
+    seq_len: int = 256
+    vocab_size: int = 0           # filled from the tokenizer
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32          # sequences per micro-batch per process
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_frac: float = 0.0
+    warmup_steps: int = 50
+    schedule: str = "wsd"         # "wsd" (warmup-stable-decay) or "cosine"
+    decay_frac: float = 0.3       # share of steps spent decaying in wsd
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.95)
+    grad_clip: float = 1.0
+    optimizer: str = "adamw"      # "adamw" or "muon" (Muon for hidden matrices, AdamW for the rest)
+    dtype: str = "auto"           # "auto", "fp32" or "bf16" (autocast)
+    compile: bool = False
+    eval_every: int = 200
+    eval_batches: int = 8
+    ckpt_every: int = 200
+    log_every: int = 1
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    preset: str = "tiny"
+    world: WorldConfig = field(default_factory=WorldConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _tiny() -> Config:
+    return Config(preset="tiny")
+
+
+def _smoke() -> Config:
+    c = Config(preset="smoke")
+    c.world = WorldConfig(n_known=20, n_search_only=6, n_unknown=6, n_towns=8, n_companies=8,
+                          n_math_pages=20, n_problems_train=40, n_problems_test=10,
+                          n_bignum_train=10, n_bignum_test=5, val_fraction=0.05)
+    c.tokenizer = TokenizerConfig(vocab_size=512)
+    c.model = ModelConfig(depth=2, aspect_ratio=32, head_dim=32, seq_len=64)
+    c.pretrain = TrainConfig(steps=30, batch_size=8, lr=3e-3, warmup_steps=5, eval_every=10,
+                             eval_batches=2, ckpt_every=10, dtype="fp32")
+    return c
+
+
+def _gpu_d12() -> Config:
+    c = Config(preset="gpu-d12")
+    c.world = WorldConfig(n_known=5000, n_search_only=500, n_unknown=1000, n_towns=300, n_companies=300,
+                          n_math_pages=20000, n_problems_train=20000, n_problems_test=500)
+    c.tokenizer = TokenizerConfig(vocab_size=32768)
+    c.model = ModelConfig(depth=12, aspect_ratio=64, head_dim=64, seq_len=1024)
+    c.pretrain = TrainConfig(steps=5000, batch_size=32, grad_accum=1, lr=1e-3, warmup_steps=200,
+                             dtype="bf16", compile=True, eval_every=500, ckpt_every=1000)
+    return c
+
+
+def _gpu_d20() -> Config:
+    c = _gpu_d12()
+    c.preset = "gpu-d20"
+    c.model = ModelConfig(depth=20, aspect_ratio=64, head_dim=128, seq_len=2048)
+    c.pretrain.batch_size = 16
+    return c
+
+
+PRESETS = {"tiny": _tiny, "smoke": _smoke, "gpu-d12": _gpu_d12, "gpu-d20": _gpu_d20}
+
+
+def get_preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise C2CError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+def from_dict(d: dict) -> Config:
+    def build(cls, sub):
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in sub.items() if k in names}
+        if "betas" in kwargs:
+            kwargs["betas"] = tuple(kwargs["betas"])
+        return cls(**kwargs)
+    return Config(preset=d.get("preset", "custom"), world=build(WorldConfig, d.get("world", {})),
+                  tokenizer=build(TokenizerConfig, d.get("tokenizer", {})),
+                  model=build(ModelConfig, d.get("model", {})),
+                  pretrain=build(TrainConfig, d.get("pretrain", {})))
+
+
+def fingerprint(*parts) -> str:
+    """A short hash of configuration pieces; a stage is reused only when its fingerprint matches."""
+    blob = json.dumps([asdict(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

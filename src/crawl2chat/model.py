@@ -1,0 +1,180 @@
+"""The GPT: rotary embeddings, parameter-free RMSNorm, QK-norm, SwiGLU MLP, untied embeddings,
+scaled_dot_product_attention and a preallocated KV cache. The layout matches Qwen3 (norm weights of
+one, no biases), so a checkpoint exports to Hugging Face unchanged."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from crawl2chat.common import C2CError
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    depth: int
+    n_embd: int
+    n_head: int
+    head_dim: int
+    mlp_hidden: int
+    seq_len: int
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+
+    @classmethod
+    def from_depth(cls, depth: int, vocab_size: int, seq_len: int, aspect_ratio: int = 64, head_dim: int = 64):
+        """Width and heads follow from depth, as in nanochat: width = depth * aspect_ratio."""
+        n_embd = -(-depth * aspect_ratio // head_dim) * head_dim
+        mlp_hidden = -(-(8 * n_embd // 3) // 128) * 128
+        return cls(vocab_size=vocab_size, depth=depth, n_embd=n_embd, n_head=n_embd // head_dim,
+                   head_dim=head_dim, mlp_hidden=mlp_hidden, seq_len=seq_len)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        try:
+            return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+        except TypeError as e:
+            raise C2CError(f"model config is incomplete: {e}") from None
+
+
+def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),), eps=eps)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: [depth, batch, heads, max_len, head_dim]."""
+
+    def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int, device, dtype):
+        shape = (cfg.depth, batch_size, cfg.n_head, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+        self.max_len = max_len
+
+    def reset(self):
+        self.pos = 0
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        inner = cfg.n_head * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.n_embd, inner, bias=False)
+        self.k_proj = nn.Linear(cfg.n_embd, inner, bias=False)
+        self.v_proj = nn.Linear(cfg.n_embd, inner, bias=False)
+        self.o_proj = nn.Linear(inner, cfg.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, cache: KVCache | None):
+        B, T, _ = x.shape
+        H, D, eps = self.cfg.n_head, self.cfg.head_dim, self.cfg.norm_eps
+        q = rms_norm(self.q_proj(x).view(B, T, H, D), eps).transpose(1, 2)
+        k = rms_norm(self.k_proj(x).view(B, T, H, D), eps).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, H, D).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            p = cache.pos
+            cache.k[self.layer, :, :, p:p + T] = k
+            cache.v[self.layer, :, :, p:p + T] = v
+            k, v = cache.k[self.layer, :, :, :p + T], cache.v[self.layer, :, :, :p + T]
+            if T == 1:
+                y = F.scaled_dot_product_attention(q, k, v)
+            elif p == 0:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:  # a chunk appended after a prefix: query i sees keys up to p + i
+                mask = torch.ones(T, p + T, dtype=torch.bool, device=x.device).tril(diagonal=p)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=False)
+        self.down_proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.eps = cfg.norm_eps
+        self.attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cache):
+        x = x + self.attn(rms_norm(x, self.eps), cos, sin, cache)
+        return x + self.mlp(rms_norm(x, self.eps))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.depth)])
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+        freqs = torch.outer(torch.arange(cfg.seq_len, dtype=torch.float32), inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("rope_cos", emb.cos(), persistent=False)
+        self.register_buffer("rope_sin", emb.sin(), persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        nn.init.normal_(self.embed.weight, std=1.0)
+        nn.init.normal_(self.lm_head.weight, std=0.001)
+        for block in self.blocks:
+            for lin in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj, block.mlp.gate_proj, block.mlp.up_proj):
+                bound = math.sqrt(3.0 / lin.in_features)
+                nn.init.uniform_(lin.weight, -bound, bound)
+            nn.init.zeros_(block.attn.o_proj.weight)
+            nn.init.zeros_(block.mlp.down_proj.weight)
+
+    def forward(self, idx, targets=None, cache: KVCache | None = None, reduction: str = "mean"):
+        """idx [B, T] → logits [B, T, V]; with targets (-1 = ignored) → the loss instead."""
+        B, T = idx.shape
+        pos = cache.pos if cache is not None else 0
+        if pos + T > self.cfg.seq_len:
+            raise ValueError(f"sequence of {pos + T} tokens is longer than the context ({self.cfg.seq_len})")
+        cos = self.rope_cos[pos:pos + T].to(self.embed.weight.dtype)
+        sin = self.rope_sin[pos:pos + T].to(self.embed.weight.dtype)
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x, cos, sin, cache)
+        if cache is not None:
+            cache.pos += T
+        x = rms_norm(x, self.cfg.norm_eps)
+        logits = self.lm_head(x)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1),
+                               ignore_index=-1, reduction=reduction)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if non_embedding else n
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token, as nanochat counts them: 6 × matmul weights + the attention term."""
+        c = self.cfg
+        return 6 * self.num_params(non_embedding=True) + 12 * c.depth * c.n_head * c.head_dim * c.seq_len

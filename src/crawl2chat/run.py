@@ -1,0 +1,143 @@
+"""Runs the stages in order; a stage whose metrics.json exists with the same fingerprint is skipped,
+so an interrupted run resumes where it stopped."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+from rich.console import Console
+
+from crawl2chat.common import C2CError, atomic_write_json, is_main_process, read_json, shared_data
+from crawl2chat.config import Config, fingerprint, from_dict, get_preset
+
+console = Console(stderr=True)
+
+
+def stage_world(run_dir: Path, cfg: Config, **_) -> dict:
+    from crawl2chat import world
+    return world.write_world(world.build_world(cfg.world), run_dir / "world")
+
+
+def stage_tokenizer(run_dir: Path, cfg: Config, **_) -> dict:
+    from crawl2chat.tokenizer import train_tokenizer_stage
+    c4 = shared_data("text/llamafactory/c4_demo.jsonl")
+    return train_tokenizer_stage(corpus_path(run_dir), run_dir / "tokenizer", cfg.tokenizer.vocab_size, c4)
+
+
+def stage_tokenize(run_dir: Path, cfg: Config, **_) -> dict:
+    from crawl2chat.shards import tokenize_corpus
+    from crawl2chat.tokenizer import Tokenizer
+    return tokenize_corpus(corpus_path(run_dir), Tokenizer.load(run_dir / "tokenizer"), run_dir / "tokens")
+
+
+def stage_pretrain(run_dir: Path, cfg: Config, resume: bool = False, **_) -> dict:
+    from crawl2chat.pretrain import run_pretrain
+    return run_pretrain(run_dir, cfg, resume=resume)
+
+
+def corpus_path(run_dir: Path) -> Path:
+    return run_dir / "world" / "corpus.jsonl"
+
+
+# name → (function, output folder, the config sections its result depends on)
+STAGES: dict[str, tuple[Callable[..., dict], str, Callable[[Config], list]]] = {
+    "world": (stage_world, "world", lambda c: [c.world]),
+    "tokenizer": (stage_tokenizer, "tokenizer", lambda c: [c.tokenizer]),
+    "tokenize": (stage_tokenize, "tokens", lambda c: []),
+    "pretrain": (stage_pretrain, "base", lambda c: [c.model, c.pretrain]),
+}
+
+
+def stage_fingerprints(cfg: Config) -> dict[str, str]:
+    """Each stage's fingerprint chains those of the stages before it."""
+    out, prev = {}, ""
+    for name, (_, _, parts) in STAGES.items():
+        prev = out[name] = fingerprint(prev, name, *parts(cfg))
+    return out
+
+
+def resolve_config(run_dir: Path, preset: str | None, overrides: list[str]) -> Config:
+    """The preset (or the run's saved config, or tiny) with --set key=value overrides applied."""
+    saved = run_dir / "config.json"
+    if preset is None and saved.exists():
+        cfg = from_dict(read_json(saved, "run config"))
+    else:
+        cfg = get_preset(preset or "tiny")
+    for item in overrides:
+        apply_override(cfg, item)
+    return cfg
+
+
+def apply_override(cfg: Config, item: str) -> None:
+    if "=" not in item:
+        raise C2CError(f"--set expects section.field=value, got {item!r}")
+    key, value = item.split("=", 1)
+    parts = key.split(".")
+    obj = cfg
+    for p in parts[:-1]:
+        if not hasattr(obj, p):
+            raise C2CError(f"--set {key}: no config section {p!r}")
+        obj = getattr(obj, p)
+    field = parts[-1]
+    if not hasattr(obj, field):
+        raise C2CError(f"--set {key}: no field {field!r} in {type(obj).__name__}")
+    current = getattr(obj, field)
+    try:
+        if isinstance(current, bool):
+            parsed = value.lower() in ("1", "true", "yes", "on")
+        elif isinstance(current, (int, float, str)):
+            parsed = type(current)(value)
+        else:
+            parsed = json.loads(value)
+    except ValueError:
+        raise C2CError(f"--set {key}: {value!r} is not a valid {type(current).__name__}") from None
+    setattr(obj, field, parsed)
+
+
+def run_stage(name: str, run_dir: Path, cfg: Config, force: bool = False, **kwargs) -> dict:
+    fn, folder, _ = STAGES[name]
+    fp = stage_fingerprints(cfg)[name]
+    metrics_path = run_dir / folder / "metrics.json"
+    if not force and not kwargs.get("resume") and metrics_path.exists():
+        old = read_json(metrics_path)
+        if old.get("fingerprint") == fp:
+            console.print(f"[dim]{name}: complete, skipped ({metrics_path})[/dim]")
+            return old
+    console.print(f"[bold]{name}[/bold] → {run_dir / folder}")
+    t0 = time.time()
+    metrics = fn(run_dir, cfg, **kwargs)
+    metrics = {**metrics, "wall_s": round(time.time() - t0, 3), "fingerprint": fp}
+    if is_main_process():
+        atomic_write_json(metrics_path, metrics)
+        update_report(run_dir)
+    return metrics
+
+
+def update_report(run_dir: Path) -> dict:
+    report = {}
+    for name, (_, folder, _) in STAGES.items():
+        p = run_dir / folder / "metrics.json"
+        if p.exists():
+            report[name] = {k: v for k, v in read_json(p).items() if k != "fingerprint"}
+    atomic_write_json(run_dir / "report.json", report)
+    return report
+
+
+def save_config(run_dir: Path, cfg: Config) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / "config.json", asdict(cfg))
+
+
+def run_all(run_dir: Path, cfg: Config, until: str | None = None, force: bool = False) -> dict:
+    save_config(run_dir, cfg)
+    t0 = time.time()
+    for name in STAGES:
+        run_stage(name, run_dir, cfg, force=force)
+        if name == until:
+            break
+    report = update_report(run_dir)
+    console.print(f"[green]done[/green] in {time.time() - t0:.0f}s → {run_dir / 'report.json'}")
+    return report

@@ -1,0 +1,209 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from crawl2chat.common import C2CError
+from crawl2chat.engine import generate, generate_batch, sample_next
+from crawl2chat.model import GPT, GPTConfig, KVCache
+
+CFG = GPTConfig(vocab_size=97, depth=2, n_embd=64, n_head=4, head_dim=16, mlp_hidden=128, seq_len=48)
+
+
+def sharp_model(seed: int = 0) -> GPT:
+    """A random model whose logits are far apart (weights of std ~1, nothing zero), so that greedy
+    decoding does not hinge on float rounding."""
+    torch.manual_seed(seed)
+    model = GPT(CFG)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]) if p.ndim == 2 and p is not model.embed.weight else 1.0)
+        model.lm_head.weight.mul_(4.0)
+    return model.eval()
+
+
+def greedy_no_cache(model: GPT, prompt: list[int], n: int) -> list[int]:
+    """The reference: recompute the whole forward pass for every new token, take the argmax."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def random_prompt(g: torch.Generator, length: int) -> list[int]:
+    return torch.randint(0, CFG.vocab_size, (length,), generator=g).tolist()
+
+
+# ---------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("depth, aspect, head_dim, n_embd, n_head, mlp", [
+    (2, 32, 32, 64, 2, 256),    # the smoke preset: 8*64//3 = 170 → 256
+    (4, 64, 64, 256, 4, 768),   # the tiny preset: 682 → 768
+    (3, 64, 128, 256, 2, 768),  # width 192 rounded up to a multiple of head_dim
+    (12, 64, 64, 768, 12, 2048),
+    (20, 64, 128, 1280, 10, 3456),
+])
+def test_from_depth(depth, aspect, head_dim, n_embd, n_head, mlp):
+    c = GPTConfig.from_depth(depth, vocab_size=1000, seq_len=77, aspect_ratio=aspect, head_dim=head_dim)
+    assert (c.depth, c.n_embd, c.n_head, c.head_dim, c.mlp_hidden) == (depth, n_embd, n_head, head_dim, mlp)
+    assert (c.vocab_size, c.seq_len) == (1000, 77)
+    assert c.n_head * c.head_dim == c.n_embd and c.mlp_hidden % 128 == 0 and c.mlp_hidden >= 8 * c.n_embd // 3
+    assert GPTConfig.from_dict(c.to_dict()) == c
+
+
+def test_from_dict_incomplete():
+    d = CFG.to_dict()
+    del d["n_head"]
+    with pytest.raises(C2CError, match="incomplete"):
+        GPTConfig.from_dict(d)
+
+
+# ---------------------------------------------------------------- forward and loss
+
+
+def test_forward_shapes():
+    model = sharp_model()
+    x = torch.randint(0, CFG.vocab_size, (3, 11))
+    logits = model(x)
+    assert logits.shape == (3, 11, CFG.vocab_size) and logits.dtype == torch.float32
+    loss = model(x, x)
+    assert loss.shape == () and torch.isfinite(loss)
+    assert model(x, x, reduction="none").shape == (3 * 11,)
+    n = CFG.vocab_size * CFG.n_embd * 2 + CFG.depth * (4 * CFG.n_embd * CFG.n_head * CFG.head_dim
+                                                      + 3 * CFG.n_embd * CFG.mlp_hidden)
+    assert model.num_params() == n
+    assert model.num_params(non_embedding=True) == n - CFG.vocab_size * CFG.n_embd
+
+
+def test_loss_ignores_minus_one():
+    model = sharp_model()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, CFG.vocab_size, (2, 9), generator=g)
+    y = torch.randint(0, CFG.vocab_size, (2, 9), generator=g)
+    mask = torch.rand(2, 9, generator=g) < 0.5
+    mask[0, 0] = True
+    mask[1, -1] = False
+    y_ign = y.masked_fill(mask, -1)
+    logits = model(x)
+    keep = ~mask
+    expected = F.cross_entropy(logits[keep], y[keep])
+    torch.testing.assert_close(model(x, y_ign), expected)
+    per_tok = model(x, y_ign, reduction="none").view(2, 9)
+    assert torch.all(per_tok[mask] == 0)
+    torch.testing.assert_close(per_tok[keep], F.cross_entropy(logits[keep], y[keep], reduction="none"))
+    # the ignored targets do not matter at all
+    y_other = torch.where(mask, (y + 1) % CFG.vocab_size, y).masked_fill(mask, -1)
+    assert model(x, y_other).item() == model(x, y_ign).item()
+    assert model(x, y_ign).item() != model(x, y).item()
+
+
+def test_forward_longer_than_context_raises():
+    model = sharp_model()
+    model(torch.zeros(1, CFG.seq_len, dtype=torch.long))  # exactly the context is fine
+    with pytest.raises(ValueError, match="longer than the context"):
+        model(torch.zeros(1, CFG.seq_len + 1, dtype=torch.long))
+    cache = KVCache(CFG, 1, CFG.seq_len, "cpu", torch.float32)
+    model(torch.zeros(1, CFG.seq_len - 2, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="longer than the context"):
+        model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
+
+
+# ---------------------------------------------------------------- KV cache
+
+
+def test_chunked_prefill_matches_full_forward():
+    model = sharp_model(3)
+    x = torch.randint(0, CFG.vocab_size, (2, 30), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(x)
+        for cuts in ([0, 13, 30], [0, 1, 2, 17, 18, 30], [0, 30]):
+            cache = KVCache(CFG, 2, CFG.seq_len, "cpu", torch.float32)
+            parts = [model(x[:, a:b], cache=cache) for a, b in zip(cuts, cuts[1:])]
+            assert cache.pos == 30
+            torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_greedy_with_cache_equals_recompute():
+    model = sharp_model(1)
+    g = torch.Generator().manual_seed(1)
+    for length in (1, 4, 9):
+        prompt = random_prompt(g, length)
+        n = CFG.seq_len - length  # right up to the end of the context
+        out = generate(model, [prompt], n, temperature=0.0)[0]
+        assert len(out) == n
+        assert out == greedy_no_cache(model, prompt, n)
+        assert len(set(out)) > 3  # a real sequence, not one token repeated
+
+
+def test_generate_stops_and_clips_to_context():
+    model = sharp_model(1)
+    prompt = random_prompt(torch.Generator().manual_seed(5), 6)
+    ref = greedy_no_cache(model, prompt, 20)
+    stop = ref[7]
+    first = ref.index(stop)
+    assert generate(model, [prompt], 20, stop_ids=[stop])[0] == ref[:first + 1]
+    assert len(generate(model, [prompt], 10_000)[0]) == CFG.seq_len - len(prompt)
+    assert generate_batch(model, [list(range(CFG.seq_len))], 5) == [[]]
+
+
+def test_batched_generate_equals_one_by_one():
+    model = sharp_model(2)
+    g = torch.Generator().manual_seed(2)
+    prompts = [random_prompt(g, n) for n in (3, 7, 3, 5, 7, 1, 3)]
+    one_by_one = [generate(model, [p], 12)[0] for p in prompts]
+    assert generate(model, prompts, 12) == one_by_one
+    assert generate(model, prompts, 12, batch_size=2) == one_by_one
+    assert one_by_one[0] != one_by_one[2]  # different prompts of one length: the rows are not mixed up
+    assert one_by_one == [greedy_no_cache(model, p, 12) for p in prompts]
+    assert model.training is False
+
+
+def test_generate_restores_training_mode():
+    model = sharp_model(2)
+    model.train()
+    generate(model, [[1, 2]], 2)
+    assert model.training
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def test_top_k_1_is_greedy():
+    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(0))
+    for seed in range(3):
+        for temp in (1.0, 0.5, 3.0):
+            g = torch.Generator().manual_seed(seed)
+            assert torch.equal(sample_next(logits, temp, 1, None, g), logits.argmax(-1))
+    assert torch.equal(sample_next(logits, 0.0, None, None, None), logits.argmax(-1))
+
+
+def support(logits_row: torch.Tensor, top_p: float, n: int = 3000) -> set[int]:
+    g = torch.Generator().manual_seed(0)
+    ids = sample_next(logits_row.repeat(n, 1), 1.0, None, top_p, g)
+    return set(ids.tolist())
+
+
+@pytest.mark.parametrize("top_p, kept", [
+    (0.3, {1}),
+    (0.5, {1}),           # token 1 alone has exactly 0.5: the smallest set reaching top_p
+    (0.6, {1, 3}),
+    (0.75, {1, 3}),       # 0.5 + 0.25 reaches 0.75 exactly
+    (0.8, {1, 3, 0}),
+    (0.96, {0, 1, 2, 3}),
+    (1.0, {0, 1, 2, 3}),
+])
+def test_top_p_keeps_smallest_set(top_p, kept):
+    probs = torch.tensor([0.2, 0.5, 0.05, 0.25])  # sorted: 1 (0.5), 3 (0.25), 0 (0.2), 2 (0.05)
+    assert support(probs.log()[None], top_p) == kept
+
+
+def test_top_p_zero_is_greedy_and_rows_independent():
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.9]])
+    g = torch.Generator().manual_seed(0)
+    assert sample_next(logits, 1.0, None, 0.0, g).tolist() == [1, 0]
+    out = sample_next(logits.repeat(500, 1), 1.0, None, 0.5, g).view(500, 2)
+    assert set(out[:, 0].tolist()) == {1}        # 0.84 ≥ 0.5 alone
+    assert set(out[:, 1].tolist()) == {0, 2}     # 0.48 < 0.5: needs the second token too
