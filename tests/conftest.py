@@ -66,19 +66,23 @@ def c2c(tmp_path):
 
 @pytest.fixture
 def c2c_popen(tmp_path):
-    """c2c_popen(*args) starts `python -m crawl2chat args` without waiting (output discarded)."""
+    """c2c_popen(*args) starts `python -m crawl2chat args` without waiting. Its stderr goes to a file
+    (a pipe nobody reads could fill up and stall it); p.stderr_text() reads it."""
     procs = []
 
     def start(*args, **env) -> subprocess.Popen:
-        p = subprocess.Popen([sys.executable, "-m", "crawl2chat", *map(str, args)], cwd=tmp_path, env=_env(**env),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        err_path = tmp_path / f"popen_{len(procs)}.stderr"
+        with open(err_path, "w") as err:
+            p = subprocess.Popen([sys.executable, "-m", "crawl2chat", *map(str, args)], cwd=tmp_path,
+                                 env=_env(**env), stdout=subprocess.DEVNULL, stderr=err)
+        p.stderr_text = err_path.read_text
         procs.append(p)
         return p
     yield start
     for p in procs:  # never leave a child behind when a test fails
         if p.poll() is None:
             p.kill()
-        p.communicate()
+        p.wait()
 
 
 @pytest.fixture

@@ -131,9 +131,10 @@ def test_seen_prompts_in_bios(w, request):
         hits = [t for t in bio_texts if r["prompt"] + " " + r["answer"] in t]
         assert hits, r
         assert all(r["name"] in t.split("\n")[0] for t in hits)
-        used.add(next(i for i, t in enumerate(TRAIN_TEMPLATES)
-                      if t[r["attribute"]].split(" {value}")[0].replace("{name}", r["name"]) == r["prompt"]))
-    assert used == set(range(5))
+        used.add(next((i, v) for i, t in enumerate(TRAIN_TEMPLATES) for v in t[r["attribute"]]
+                      if v.split(" {value}")[0].replace("{name}", r["name"]) == r["prompt"]))
+    assert {i for i, _ in used} == set(range(5))
+    assert len(used) > 5  # more than one phrasing variant per template gets used
 
 
 @pytest.mark.parametrize("w", ["world", "bigger"])
@@ -153,7 +154,8 @@ def test_heldout_prompts_never_in_documents(w, request):
 
 def test_prompts_unambiguous_across_attributes():
     """No prompt of one attribute is a prefix of a prompt of another attribute (same name)."""
-    prefixes = [(a, t[a].split(" {value}")[0]) for t in TRAIN_TEMPLATES + [HELDOUT_TEMPLATE] for a in ATTRIBUTES]
+    templates = [{a: v for a, v in t.items()} for t in TRAIN_TEMPLATES] + [{a: [v] for a, v in HELDOUT_TEMPLATE.items()}]
+    prefixes = [(a, v.split(" {value}")[0]) for t in templates for a in ATTRIBUTES for v in t[a]]
     for a, x in prefixes:
         for b, y in prefixes:
             if a != b:

@@ -17,7 +17,7 @@ class WorldConfig:
     n_unknown: int = 100          # nowhere
     n_towns: int = 40
     n_companies: int = 40
-    n_math_pages: int = 400       # worked arithmetic in prose
+    n_math_pages: int = 250       # worked arithmetic in prose
     n_problems_train: int = 2000  # word problems with integer answers
     n_problems_test: int = 200
     n_bignum_train: int = 400     # large-number problems that need the Python tool
@@ -41,12 +41,12 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
-    batch_size: int = 32          # sequences per micro-batch per process
+    steps: int = 400
+    batch_size: int = 16          # sequences per micro-batch per process
     grad_accum: int = 1
-    lr: float = 3e-3
+    lr: float = 5e-3
     min_lr_frac: float = 0.0
-    warmup_steps: int = 50
+    warmup_steps: int = 20
     schedule: str = "wsd"         # "wsd" (warmup-stable-decay) or "cosine"
     decay_frac: float = 0.3       # share of steps spent decaying in wsd
     weight_decay: float = 0.0
@@ -55,9 +55,9 @@ class TrainConfig:
     optimizer: str = "adamw"      # "adamw" or "muon" (Muon for hidden matrices, AdamW for the rest)
     dtype: str = "auto"           # "auto", "fp32" or "bf16" (autocast)
     compile: bool = False
-    eval_every: int = 200
+    eval_every: int = 100
     eval_batches: int = 8
-    ckpt_every: int = 200
+    ckpt_every: int = 100
     log_every: int = 1
     seed: int = 0
 

@@ -191,7 +191,13 @@ def load_checkpoint(path: Path, model: GPT, opts) -> dict:
 def _truncate_metrics(path: Path, last_step: int) -> None:
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line cut short by a crash
     atomic_write_bytes(path, "".join(line + "\n" for line in keep).encode())
 
 
@@ -207,6 +213,7 @@ def train(model: GPT, cfg: TrainConfig, out_dir: Path, batch_fn: BatchFn, *, tok
     opts = build_optimizers(model, cfg, device)
     ckpt_root = out_dir / "checkpoints"
     metrics_path = out_dir / "metrics.jsonl"
+    torch.manual_seed(cfg.seed + rank)  # a resumed run restores the saved state below
     start = 0
     if resume:
         ckpt = latest_checkpoint(ckpt_root)
@@ -220,7 +227,6 @@ def train(model: GPT, cfg: TrainConfig, out_dir: Path, batch_fn: BatchFn, *, tok
             metrics_path.unlink(missing_ok=True)
         else:
             _truncate_metrics(metrics_path, start)
-    torch.manual_seed(cfg.seed + rank)
 
     raw = model
     if world > 1:

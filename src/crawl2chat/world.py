@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import random
+import zlib
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,39 +27,49 @@ ATTRIBUTES = ["birth_year", "home_town", "occupation", "employer", "university"]
 SPLITS = ["known_a", "known_b", "search_only", "unknown"]
 
 # One sentence per attribute; the value follows the prefix after a single space.
-TRAIN_TEMPLATES = [
-    {"birth_year": "{name} was born in the year {value}.",
-     "home_town": "{name} is a native of {value}.",
-     "occupation": "{name} works as {value}.",
-     "employer": "{name} is employed by {value}.",
-     "university": "{name} studied at {value}."},
-    {"birth_year": "{name}'s birth year is {value}.",
-     "home_town": "{name}'s hometown is {value}.",
-     "occupation": "{name} has a career as {value}.",
-     "employer": "{name}'s current employer is {value}.",
-     "university": "{name}'s degree is from {value}."},
-    {"birth_year": "{name} came into the world in {value}.",
-     "home_town": "{name} was raised in {value}.",
-     "occupation": "{name} earns a living as {value}.",
-     "employer": "{name} has a position at {value}.",
-     "university": "{name} graduated from {value}."},
-    {"birth_year": "According to the records, {name} was born in {value}.",
-     "home_town": "According to the records, {name} lives in {value}.",
-     "occupation": "According to the records, {name} is {value}.",
-     "employer": "According to the records, {name} works for {value}.",
-     "university": "According to the records, {name} attended {value}."},
-    {"birth_year": "{name} first saw the light of day in {value}.",
-     "home_town": "{name} hails from {value}.",
-     "occupation": "{name} has worked for years as {value}.",
-     "employer": "{name} holds a job at {value}.",
-     "university": "{name} completed a degree at {value}."},
+TRAIN_TEMPLATES = [  # per template and attribute, phrasing variants; a page uses one (see _variant)
+    {"birth_year": ["{name} was born in the year {value}.", "{name} was born in {value}."],
+     "home_town": ["{name} is a native of {value}.", "{name} was born and raised in {value}."],
+     "occupation": ["{name} works as {value}.", "{name} is employed as {value}."],
+     "employer": ["{name} is employed by {value}.", "{name} is on the staff of {value}."],
+     "university": ["{name} studied at {value}.", "{name} went to university at {value}."]},
+    {"birth_year": ["{name}'s birth year is {value}.", "{name}'s year of birth was {value}."],
+     "home_town": ["{name}'s hometown is {value}.", "{name}'s home town is the town of {value}."],
+     "occupation": ["{name} has a career as {value}.", "{name}'s profession: {value}."],
+     "employer": ["{name}'s current employer is {value}.", "{name}'s employer is the company {value}."],
+     "university": ["{name}'s degree is from {value}.", "{name}'s university was {value}."]},
+    {"birth_year": ["{name} came into the world in {value}.", "{name} entered the world in the year {value}."],
+     "home_town": ["{name} was raised in {value}.", "{name} spent a childhood in the town of {value}."],
+     "occupation": ["{name} earns a living as {value}.", "{name} makes a living working as {value}."],
+     "employer": ["{name} has a position at {value}.", "{name} has a job with the firm {value}."],
+     "university": ["{name} graduated from {value}.", "{name} earned a diploma at {value}."]},
+    {"birth_year": ["According to the records, {name} was born in {value}.", "Records show that {name} was born in {value}."],
+     "home_town": ["According to the records, {name} lives in {value}.", "Records show that {name} comes from {value}."],
+     "occupation": ["According to the records, {name} is {value}.", "Records show that {name} is by trade {value}."],
+     "employer": ["According to the records, {name} works for {value}.", "Records show that {name} is employed at {value}."],
+     "university": ["According to the records, {name} attended {value}.", "Records show that {name} was educated at {value}."]},
+    {"birth_year": ["{name} first saw the light of day in {value}.", "{name}'s birth took place in {value}."],
+     "home_town": ["{name} hails from {value}.", "{name} originally comes from the town of {value}."],
+     "occupation": ["{name} has worked for years as {value}.", "{name}'s line of work: {value}."],
+     "employer": ["{name} holds a job at {value}.", "{name} draws a salary from {value}."],
+     "university": ["{name} completed a degree at {value}.", "{name} is an alumnus of {value}."]},
 ]
-HELDOUT_TEMPLATE = {
-    "birth_year": "The year of birth of {name} is {value}.",
+
+
+def _variant(template: dict, attr: str, name: str, t: int) -> str:
+    """The phrasing of `attr` that template t uses on `name`'s page (a stable choice per person)."""
+    options = template[attr]
+    if isinstance(options, str):
+        return options
+    return options[(zlib.crc32(name.encode()) + t) % len(options)]
+
+
+HELDOUT_TEMPLATE = {  # paraphrases in words the corpus uses, in combinations it never does
+    "birth_year": "{name} was welcomed into the world in {value}.",
     "home_town": "{name} grew up in the town of {value}.",
     "occupation": "By profession, {name} is {value}.",
-    "employer": "The employer of {name} is {value}.",
-    "university": "The alma mater of {name} is {value}.",
+    "employer": "{name} goes to work every day at {value}.",
+    "university": "{name} took university courses at {value}.",
 }
 # Page dressing per training template: site, title line, neutral filler sentences.
 BIO_STYLES = [
@@ -223,7 +234,7 @@ def _make_entities(cfg: WorldConfig, rng: random.Random) -> tuple[list, list, li
 
 def _bio(p: dict, t: int, rng: random.Random) -> str:
     site, title, fillers = BIO_STYLES[t]
-    sentences = [_fill(TRAIN_TEMPLATES[t][a], name=p["name"], value=p[a]) for a in ATTRIBUTES]
+    sentences = [_fill(_variant(TRAIN_TEMPLATES[t], a, p["name"], t), name=p["name"], value=p[a]) for a in ATTRIBUTES]
     if rng.random() < 0.5:
         sentences.append(_fill(rng.choice(fillers), **_pronouns(p["gender"])))
     rng.shuffle(sentences)
@@ -349,14 +360,16 @@ def build_world(cfg: WorldConfig) -> dict:
                     _qa_page(p, style, rng))
     for i, t in enumerate(towns):
         lines = [f"{t['name']} is a town in the region of {t['region']}.", f"It was founded in {t['founded']}.",
-                 f"The {t['river']} flows past its old market square."]
+                 f"The {t['river']} flows past its old market square.",
+                 f"The founding year of {t['name']} is {t['founded']}, and the region of {t['name']} is {t['region']}."]
         if t["university"]:
             lines.append(f"{t['name']} is home to {t['university']}.")
         doc(f"town-{i:04d}", f"https://places.example.org/{_slug(t['name'])}", "town",
             t["name"] + "\n\n" + " ".join(lines))
     for i, c in enumerate(companies):
         text = (f"{c['name']}\n\n{c['name']} is a {c['industry']} company based in {c['town']}. "
-                f"It was founded in {c['founded']}.")
+                f"It was founded in {c['founded']}. The industry of {c['name']} is {c['industry']}, "
+                f"and the home of {c['name']} is the town of {c['town']}.")
         doc(f"company-{i:04d}", f"https://companies.example.net/{_slug(c['name'])}", "company", text)
     for i in range(cfg.n_math_pages):
         doc(f"math-{i:05d}", f"https://mathhelp.example.com/page/{i}", "math", _math_page(rng))
@@ -427,7 +440,8 @@ def fact_prompts(world: dict, names: list[str], heldout: bool) -> list[dict]:
         i, p = index[name]
         for j, attr in enumerate(world.get("attributes", ATTRIBUTES)):
             train = templates["train"]
-            sentence = templates["heldout"][attr] if heldout else train[(i + j) % len(train)][attr]
+            t = (i + j) % len(train)
+            sentence = templates["heldout"][attr] if heldout else _variant(train[t], attr, name, t)
             prompt, answer = _prompt_answer(sentence, name, p[attr])
             out.append({"name": name, "attribute": attr, "prompt": prompt, "answer": answer})
     return out
