@@ -15,16 +15,17 @@ from crawl2chat.config import get_preset
 console = Console()
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    """Measured FLOP/s of one n×n matmul in `dtype`: the machine's practical peak."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def matmul_peak(dtype: torch.dtype, sizes=(512, 1024, 2048), repeats: int = 10) -> float:
+    """The machine's practical peak in `dtype`: the best FLOP/s of square matmuls of a few sizes."""
+    best_flops = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a @ b
+            best_flops = max(best_flops, 2 * n**3 / (time.perf_counter() - t0))
+    return best_flops
 
 
 def train_throughput(dtype: str, compile: bool, steps: int, preset: str = "tiny") -> dict:

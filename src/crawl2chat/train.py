@@ -78,6 +78,8 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:
+        torch.set_flush_denormal(True)  # tiny values late in training must not drop to slow denormal paths
     return rank, world
 
 
