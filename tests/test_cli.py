@@ -8,7 +8,7 @@ from crawl2chat.engine import generate
 from crawl2chat.tokenizer import Tokenizer
 from crawl2chat.train import load_model
 
-STAGES = ["world", "tokenizer", "tokenize", "pretrain"]
+STAGES = ["world", "tokenizer", "tokenize", "pretrain", "sft"]
 
 
 def subcommands() -> list[str]:
@@ -47,6 +47,12 @@ def test_report(smoke_run):
     for key in ("fact_recall_seen", "fact_recall_unseen"):
         assert 0.0 <= pre[key] <= 1.0
     assert report["tokenizer"]["vocab_size"] == 512
+    sft = report["sft"]
+    assert sft["steps"] == 10 and 0 < sft["val_loss"] < 20
+    for key in ("fact_qa_acc", "arith_acc", "end_token_rate"):
+        assert 0.0 <= sft[key] <= 1.0
+    assert 0.0 <= sft["pack_padding_share"] < 0.5 and sft["pack_trained_tokens"] > 0
+    assert (smoke_run / "sft" / "model.safetensors").is_file()
     assert report["tokenize"]["train_tokens"] > 0
     assert (smoke_run / "base" / "model.safetensors").is_file()
     assert json.loads((smoke_run / "config.json").read_text())["preset"] == "smoke"
@@ -66,7 +72,7 @@ def test_rerun_skips_then_reruns_only_pretrain(smoke_run, copy_run, c2c, capsys,
     out = again.stdout + again.stderr
     for name in STAGES:
         assert f"{name}: complete, skipped" in out, out
-    assert out.count("skipped") == 4
+    assert out.count("skipped") == len(STAGES)
     assert mtimes(run, *files) == before
 
     capsys.readouterr()

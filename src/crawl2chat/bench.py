@@ -92,6 +92,10 @@ def run_benchmarks(what: str, out: Path, steps: int = 10) -> dict:
     results = json.loads(out.read_text()) if out.exists() else {}
     if what in ("all", "train"):
         results["train"] = bench_train(steps)
+    if what in ("all", "generate"):
+        from crawl2chat.bench_generate import bench_generate_random
+        with console.status("bench generate"):
+            results["generate"] = bench_generate_random()
     if what in ("all", "tokenizer"):
         tok = bench_tokenizer_world()
         results["tokenizer"] = {**tok["train"], "encode": tok["encode"], "input": tok["input"]}
@@ -117,6 +121,9 @@ def show(results: dict) -> None:
             table.add_row(f"  {name}", f"{r['tok_per_s']:.0f} tok/s", f"{r['flops'] / 1e9:.1f} GFLOP/s",
                           f"{r['share_of_peak']:.1%}", f"of {dt} peak",
                           f"{t['matmul_peak_flops'][dt] / 1e9:.0f} GFLOP/s matmul")
+    if "generate" in results:
+        row("generate, batch 1", results["generate"]["batch1"])
+        row("generate, batch 32", results["generate"]["batch32"])
     if "tokenizer" in results:
         row("tokenizer train", results["tokenizer"])
         row("tokenizer encode", results["tokenizer"]["encode"])

@@ -14,6 +14,7 @@ STAGE_HELP = {
     "tokenizer": "train the byte-level BPE tokenizer on the corpus (tokenizer/tokenizer.json)",
     "tokenize": "turn the corpus into train/val token shards, documents joined by <|bos|>",
     "pretrain": "train the base GPT by next-token prediction (torchrun-able for DDP)",
+    "sft": "fine-tune the base model on conversations, loss on the assistant's tokens only",
 }
 
 
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="run every stage in order, skipping the ones already complete",
-                       description="Run world → tokenizer → tokenize → pretrain into the run directory. "
+                       description="Run world → tokenizer → tokenize → pretrain → sft into the run directory. "
                        "A stage whose metrics.json matches the current configuration is skipped, "
                        "so an interrupted run resumes.")
     add_run_args(p)
@@ -44,9 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in STAGE_HELP.items():
         p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         add_run_args(p)
-        if name == "pretrain":
+        if name in ("pretrain", "sft"):
             p.add_argument("--resume", action="store_true",
-                           help="continue from the latest checkpoint in <run>/base/checkpoints")
+                           help=f"continue from the latest checkpoint in <run>/{'base' if name == 'pretrain' else name}/checkpoints")
 
     p = sub.add_parser("sample", help="print continuations of a prompt from a model checkpoint",
                        description="Print continuations of --prompt from a trained model.")
@@ -66,10 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/tiny"), help="run directory (default: runs/tiny)")
     p.add_argument("--tokenizer", type=Path, default=None, help="a tokenizer.json or its folder")
 
+    from crawl2chat.chat import build_chat_parser
+    build_chat_parser(sub)
+
     p = sub.add_parser("bench", help="benchmarks, each beside a baseline measured in the same run",
                        description="Run benchmarks and write bench.json: each figure beside a baseline "
                        "measured in the same run, as a ratio.")
-    p.add_argument("what", nargs="?", default="all", choices=["all", "train", "tokenizer"])
+    p.add_argument("what", nargs="?", default="all", choices=["all", "train", "tokenizer", "generate"])
     p.add_argument("--out", type=Path, default=Path("bench.json"), help="where to write the JSON (default: bench.json)")
     p.add_argument("--steps", type=int, default=10, help="timed training steps per configuration")
     return parser
@@ -124,14 +128,16 @@ def cmd_bench(args) -> None:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    handlers = {"sample": cmd_sample, "show-tokens": cmd_show_tokens, "bench": cmd_bench}
+    from crawl2chat.chat import cmd_chat
+    handlers = {"sample": cmd_sample, "show-tokens": cmd_show_tokens, "bench": cmd_bench, "chat": cmd_chat}
     try:
         handlers.get(args.command, cmd_stage)(args)
     except C2CError as e:
         print(f"c2c: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("c2c: interrupted (a checkpoint was saved where training was running; use --resume)", file=sys.stderr)
+        hint = "" if args.command == "chat" else " (training saves a checkpoint when interrupted; continue with --resume)"
+        print(f"c2c: interrupted{hint}", file=sys.stderr)
         sys.exit(130)
 
 

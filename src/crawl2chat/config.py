@@ -63,12 +63,28 @@ class TrainConfig:
 
 
 @dataclass
+class ChatDataConfig:
+    extra: list = field(default_factory=list)  # chat JSONL files in the OpenAI `messages` format
+    oasst: str = ""               # an OpenAssistant message-tree JSONL to import
+    val_fraction: float = 0.05    # held-out conversations for the SFT val loss
+    max_math: int = 1000          # worked word problems from the world (the rest are for RL)
+    seed: int = 0
+
+
+def _sft_train() -> "TrainConfig":
+    return TrainConfig(steps=150, batch_size=16, lr=1e-3, warmup_steps=10, decay_frac=0.5,
+                       eval_every=50, eval_batches=4, ckpt_every=50)
+
+
+@dataclass
 class Config:
     preset: str = "tiny"
     world: WorldConfig = field(default_factory=WorldConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: TrainConfig = field(default_factory=TrainConfig)
+    chat_data: ChatDataConfig = field(default_factory=ChatDataConfig)
+    sft: TrainConfig = field(default_factory=_sft_train)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,6 +103,9 @@ def _smoke() -> Config:
     c.model = ModelConfig(depth=2, aspect_ratio=32, head_dim=32, seq_len=64)
     c.pretrain = TrainConfig(steps=30, batch_size=8, lr=3e-3, warmup_steps=5, eval_every=10,
                              eval_batches=2, ckpt_every=10, dtype="fp32")
+    c.chat_data = ChatDataConfig(max_math=20)
+    c.sft = TrainConfig(steps=10, batch_size=8, lr=1e-3, warmup_steps=2, eval_every=5, eval_batches=2,
+                        ckpt_every=5, dtype="fp32")
     return c
 
 
@@ -128,7 +147,9 @@ def from_dict(d: dict) -> Config:
     return Config(preset=d.get("preset", "custom"), world=build(WorldConfig, d.get("world", {})),
                   tokenizer=build(TokenizerConfig, d.get("tokenizer", {})),
                   model=build(ModelConfig, d.get("model", {})),
-                  pretrain=build(TrainConfig, d.get("pretrain", {})))
+                  pretrain=build(TrainConfig, d.get("pretrain", {})),
+                  chat_data=build(ChatDataConfig, d.get("chat_data", {})),
+                  sft=build(TrainConfig, d["sft"]) if "sft" in d else _sft_train())
 
 
 def fingerprint(*parts) -> str:

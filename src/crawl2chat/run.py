@@ -38,6 +38,11 @@ def stage_pretrain(run_dir: Path, cfg: Config, resume: bool = False, **_) -> dic
     return run_pretrain(run_dir, cfg, resume=resume)
 
 
+def stage_sft(run_dir: Path, cfg: Config, resume: bool = False, **_) -> dict:
+    from crawl2chat.sft import run_sft
+    return run_sft(run_dir, cfg, resume=resume)
+
+
 def corpus_path(run_dir: Path) -> Path:
     return run_dir / "world" / "corpus.jsonl"
 
@@ -48,6 +53,7 @@ STAGES: dict[str, tuple[Callable[..., dict], str, Callable[[Config], list]]] = {
     "tokenizer": (stage_tokenizer, "tokenizer", lambda c: [c.tokenizer]),
     "tokenize": (stage_tokenize, "tokens", lambda c: []),
     "pretrain": (stage_pretrain, "base", lambda c: [c.model, c.pretrain]),
+    "sft": (stage_sft, "sft", lambda c: [c.chat_data, c.sft]),
 }
 
 

@@ -76,6 +76,36 @@ class TokenStream:
         return np.concatenate(out)
 
 
+def first_sample(step: int, micro: int, grad_accum: int, rank: int, world: int, batch_size: int) -> int:
+    """Index of the first sample of a micro-batch in the stream of samples. Micro-batches of one process
+    and ranks of a DDP group cut the same global batch the same way, so their losses match."""
+    return (step * grad_accum * world + micro * world + rank) * batch_size
+
+
+class RowLoader:
+    """Fixed rows (x, y) — packed conversations — visited in a random order per epoch, drawn from (seed, epoch)."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int = 0):
+        if len(x) == 0:
+            raise C2CError("no training rows")
+        self.x, self.y, self.B, self.seed = x, y, batch_size, seed
+        self._epoch, self._perm = -1, None
+
+    def _row(self, i: int) -> int:
+        epoch, j = divmod(i, len(self.x))
+        if epoch != self._epoch:
+            self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.x))
+        return int(self._perm[j])
+
+    def batch(self, step: int, micro: int = 0, grad_accum: int = 1, rank: int = 0, world: int = 1):
+        first = first_sample(step, micro, grad_accum, rank, world, self.B)
+        idx = [self._row(first + r) for r in range(self.B)]
+        return torch.from_numpy(self.x[idx]).long(), torch.from_numpy(self.y[idx]).long()
+
+    def epoch_of(self, step: int, grad_accum: int = 1, world: int = 1) -> float:
+        return step * grad_accum * world * self.B / len(self.x)
+
+
 class BatchLoader:
     """Windows of seq_len + 1 tokens. Each epoch shifts the window grid by a random offset and visits
     the windows in a random order, both drawn from (seed, epoch)."""
@@ -97,7 +127,7 @@ class BatchLoader:
 
     def batch(self, step: int, micro: int = 0, grad_accum: int = 1, rank: int = 0, world: int = 1):
         """The micro-batch `micro` of optimizer step `step` for `rank`: one slice of the global batch."""
-        first = (step * grad_accum * world + micro * world + rank) * self.B
+        first = first_sample(step, micro, grad_accum, rank, world, self.B)
         rows = np.stack([self._window(first + r) for r in range(self.B)])
         t = torch.from_numpy(rows)
         return t[:, :-1].contiguous(), t[:, 1:].contiguous()

@@ -319,18 +319,20 @@ def train(model: GPT, cfg: TrainConfig, out_dir: Path, batch_fn: BatchFn, *, tok
 
 @torch.no_grad()
 def evaluate_loss(model: GPT, batches, token_bytes: torch.Tensor | None, dtype: str = "fp32") -> dict:
-    """Mean val loss (nats/token) and bits per byte (special tokens excluded from both sums)."""
+    """Mean val loss (nats per target token; targets of -1 are ignored) and bits per byte
+    (special tokens excluded from both sums)."""
     model.eval()
     device = next(model.parameters()).device
     total_nats, total_bytes, total_tok, loss_sum = 0.0, 0, 0, 0.0
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         with autocast(device, dtype):
-            nats = model(x, y, reduction="none").float()
-        loss_sum += nats.sum().item()
-        total_tok += nats.numel()
+            nats = model(x, y, reduction="none").float().view(-1)
+        valid = y.view(-1) >= 0
+        loss_sum += nats[valid].sum().item()
+        total_tok += int(valid.sum().item())
         if token_bytes is not None:
-            nb = token_bytes.to(device)[y.view(-1)]
+            nb = token_bytes.to(device)[y.view(-1).clamp(min=0)] * valid
             total_nats += (nats * (nb > 0)).sum().item()
             total_bytes += int(nb.sum().item())
     model.train()
