@@ -56,3 +56,15 @@ def test_row_loader_is_deterministic_and_covers_each_epoch():
     assert sorted(seen.tolist()) == list(range(0, 40, 4))  # one epoch = every row once
     with pytest.raises(C2CError):
         RowLoader(x[:0], x[:0], 5)
+
+
+def test_answer_matching():
+    from crawl2chat.evals import contains_answer, last_number
+    assert contains_answer("Nune Ladi works as a pilot.", "a pilot")
+    assert not contains_answer("Nune Ladi works as a pilots.", "a pilot")
+    assert not contains_answer("She was born in 19567.", "1956")
+    assert contains_answer("Born in 1956, she ...", "1956")
+    assert last_number("5 * 4 = 20. The answer is 20.") == 20
+    assert last_number("The total is 1,234 coins.") == 1234
+    assert last_number("no number here") is None
+    assert last_number("It drops to -7.") == -7

@@ -68,6 +68,7 @@ class ChatDataConfig:
     oasst: str = ""               # an OpenAssistant message-tree JSONL to import
     val_fraction: float = 0.05    # held-out conversations for the SFT val loss
     max_math: int = 1000          # worked word problems from the world (the rest are for RL)
+    fact_phrasings: int = 1       # distinct question phrasings per known_a person and attribute
     seed: int = 0
 
 

@@ -129,8 +129,9 @@ def _pick(groups: list, n: int, rng: random.Random, then: dict | None = None) ->
 
 
 def world_conversations(world: dict, seed: int = 0, n_smalltalk: int = 300, n_identity: int = 200,
-                        n_math: int | None = None) -> list[list[dict]]:
-    """Small talk, identity, fact questions on known_a people (one per person and attribute, plus one
+                        n_math: int | None = None, fact_phrasings: int = 1) -> list[list[dict]]:
+    """Small talk, identity, fact questions on known_a people (fact_phrasings distinct phrasings per
+    person and attribute, plus one
     multi-turn conversation per person) and worked word problems (world["problems"]["train"], the
     first n_math of them; none if the world has no problems, e.g. one read by world.load_world).
     Deterministic for a given seed; the list is shuffled."""
@@ -145,8 +146,9 @@ def world_conversations(world: dict, seed: int = 0, n_smalltalk: int = 300, n_id
     for i, person in enumerate(people):
         for attr in ATTRIBUTES:  # phrasings cycle over people, so each is used even in a small world
             pool = FACT_QUESTIONS[attr]
-            convs.append(_exchange(_fill(pool[(start[attr] + i) % len(pool)], name=person["name"]),
-                                   fact_answer(person, attr)))
+            for k in range(min(fact_phrasings, len(pool))):
+                convs.append(_exchange(_fill(pool[(start[attr] + i + k) % len(pool)], name=person["name"]),
+                                       fact_answer(person, attr)))
     for person in people:
         attrs = rng.sample(ATTRIBUTES, rng.choice([2, 3]))
         conv = _exchange(_fill(rng.choice(FACT_QUESTIONS[attrs[0]]), name=person["name"]),

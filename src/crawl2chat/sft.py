@@ -56,7 +56,8 @@ def load_conversations(run_dir: Path, cfg: Config, world: dict | None) -> list[l
     data = cfg.chat_data
     convs = []
     if world is not None:
-        convs += conv.world_conversations(world, seed=data.seed, n_math=data.max_math)
+        convs += conv.world_conversations(world, seed=data.seed, n_math=data.max_math,
+                                           fact_phrasings=data.fact_phrasings)
     for path in data.extra:
         convs += conv.load_chat_jsonl(path)
     if data.oasst:
