@@ -1,4 +1,5 @@
 import json
+import math
 import subprocess
 import sys
 import time
@@ -194,3 +195,16 @@ def test_ddp_matches_grad_accum(prepared_run, copy_run, c2c, subprocess_env, met
     sb = json.loads((one_dir / "base" / "metrics.json").read_text())
     assert (sa["world_size"], sb["world_size"]) == (2, 1)
     assert sa["tokens"] == sb["tokens"]  # the same global batch
+
+
+def test_gpu_code_paths_run_on_cpu(prepared_run, copy_run, metrics_rows):
+    """The GPU presets' settings — bf16 autocast and torch.compile — exercised on the CPU."""
+    from crawl2chat import cli
+    run = copy_run(prepared_run, without_fact_evals=True)
+    cli.main(["pretrain", "--out", str(run), "--set", "pretrain.steps=3", "--set", "pretrain.dtype=bf16",
+              "--set", "pretrain.compile=true", "--set", "pretrain.eval_every=3"])
+    metrics = json.loads((run / "base" / "metrics.json").read_text())
+    assert metrics["dtype"] == "bf16" and metrics["steps"] == 3
+    rows = metrics_rows(run / "base" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) for r in rows) and math.isfinite(rows[-1]["val_bpb"])
