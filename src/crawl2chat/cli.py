@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in STAGE_HELP.items():
         p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         add_run_args(p)
+        if name == "sft":
+            p.add_argument("--corrections", default=None, metavar="FILE",
+                           help="a review file from `c2c correct` whose corrected answers join the SFT data")
         if name in ("pretrain", "sft"):
             p.add_argument("--resume", action="store_true",
                            help=f"continue from the latest checkpoint in <run>/{'base' if name == 'pretrain' else name}/checkpoints")
@@ -67,6 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/tiny"), help="run directory (default: runs/tiny)")
     p.add_argument("--tokenizer", type=Path, default=None, help="a tokenizer.json or its folder")
 
+    p = sub.add_parser("correct", help="sample the model's answers into a review file for an expert to correct",
+                       description="Sample the model's answers to fact questions about known people of half A "
+                       "into a JSONL review file {prompt, model_answer, corrected}. An expert fills in "
+                       "`corrected` (in an editor); --oracle lets the world's ground truth correct the wrong "
+                       "answers. Then `c2c sft --corrections FILE` trains on them.")
+    p.add_argument("--out", type=Path, default=Path("runs/tiny"), help="run directory (default: runs/tiny)")
+    p.add_argument("--stage", default="sft", help="model folder to review (default: sft)")
+    p.add_argument("--review", type=Path, default=None, help="review file (default: <run>/<stage>/review.jsonl)")
+    p.add_argument("--oracle", action="store_true", help="fill in corrections from the world's ground truth")
+    p.add_argument("--limit", type=int, default=None, help="review at most this many people")
+
     from crawl2chat.chat import build_chat_parser
     build_chat_parser(sub)
 
@@ -83,6 +97,8 @@ def cmd_stage(args) -> None:
     from crawl2chat.run import resolve_config, run_all, run_stage, save_config
     run_dir = args.out or Path("runs") / (args.preset or "tiny")
     cfg = resolve_config(run_dir, args.preset, args.overrides)
+    if getattr(args, "corrections", None):
+        cfg.chat_data.corrections = str(Path(args.corrections).resolve())
     if args.command == "run":
         run_all(run_dir, cfg, until=args.until, force=args.force)
         return
@@ -121,6 +137,11 @@ def cmd_show_tokens(args) -> None:
     show_tokens(Tokenizer.load(args.tokenizer or args.out / "tokenizer"), args.text)
 
 
+def cmd_correct(args) -> None:
+    from crawl2chat.corrections import run_correct
+    print(json.dumps(run_correct(args.out, args.stage, args.oracle, args.review, args.limit), indent=2))
+
+
 def cmd_bench(args) -> None:
     from crawl2chat.bench import run_benchmarks
     run_benchmarks(args.what, args.out, steps=args.steps)
@@ -129,7 +150,8 @@ def cmd_bench(args) -> None:
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     from crawl2chat.chat import cmd_chat
-    handlers = {"sample": cmd_sample, "show-tokens": cmd_show_tokens, "bench": cmd_bench, "chat": cmd_chat}
+    handlers = {"sample": cmd_sample, "show-tokens": cmd_show_tokens, "bench": cmd_bench, "chat": cmd_chat,
+                "correct": cmd_correct}
     try:
         handlers.get(args.command, cmd_stage)(args)
     except C2CError as e:

@@ -69,6 +69,8 @@ class ChatDataConfig:
     val_fraction: float = 0.05    # held-out conversations for the SFT val loss
     max_math: int = 1000          # worked word problems from the world (the rest are for RL)
     fact_phrasings: int = 1       # distinct question phrasings per known_a person and attribute
+    corrections: str = ""         # a review file of expert corrections (c2c correct) to train on
+    corrections_weight: int = 3   # times each correction is repeated in the SFT mix
     seed: int = 0
 
 

@@ -62,6 +62,9 @@ def load_conversations(run_dir: Path, cfg: Config, world: dict | None) -> list[l
         convs += conv.load_chat_jsonl(path)
     if data.oasst:
         convs += conv.load_oasst_trees(data.oasst)
+    if data.corrections:
+        from crawl2chat.corrections import load_corrections
+        convs += load_corrections(data.corrections) * data.corrections_weight
     return convs
 
 

@@ -1,0 +1,41 @@
+import json
+
+import pytest
+
+from crawl2chat import cli, world
+from crawl2chat.common import C2CError
+from crawl2chat.corrections import load_corrections
+
+
+def test_oracle_review_then_sft_on_corrections(smoke_run, copy_run, capsys):
+    run = copy_run(smoke_run)
+    cli.main(["correct", "--out", str(run), "--oracle"])
+    stats = json.loads(capsys.readouterr().out)
+    rows = [json.loads(line) for line in (run / "sft" / "review.jsonl").read_text().splitlines()]
+    w = world.load_world(run / "world")
+    assert stats["reviewed"] == len(rows) == len(w["splits"]["known_a"]) * len(world.ATTRIBUTES)
+    people = {p["name"]: p for p in w["people"]}
+    for row in rows:
+        assert set(row) == {"prompt", "model_answer", "corrected"}
+        if row["corrected"]:  # the oracle's sentence states the ground truth about the person asked
+            name = next(n for n in w["splits"]["known_a"] if n in row["prompt"])
+            assert name in row["corrected"]
+            assert any(people[name][a] in row["corrected"] for a in world.ATTRIBUTES)
+    assert stats["corrected"] == stats["wrong"] == sum(bool(r["corrected"]) for r in rows)
+
+    before = json.loads((run / "sft" / "metrics.json").read_text())["pack_conversations"]
+    cli.main(["sft", "--out", str(run), "--corrections", str(run / "sft" / "review.jsonl")])
+    after = json.loads((run / "sft" / "metrics.json").read_text())["pack_conversations"]
+    assert after > before  # the corrections joined the training mix
+
+
+def test_corrections_file_errors(tmp_path):
+    f = tmp_path / "review.jsonl"
+    f.write_text('{"prompt": "hi", "model_answer": "x", "corrected": "Hello!"}\n'
+                 '{"prompt": "ok", "model_answer": "y", "corrected": ""}\n')
+    assert load_corrections(f) == [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}]]
+    for bad, reason in [('{"prompt": "hi"}', "corrected"), ("not json", "JSON"),
+                        ('{"prompt": " ", "corrected": "fine"}', "empty")]:
+        f.write_text('{"prompt": "a", "corrected": "b"}\n' + bad + "\n")
+        with pytest.raises(C2CError, match=rf"review.jsonl:2: .*{reason}"):
+            load_corrections(f)
