@@ -13,7 +13,7 @@ import torch
 
 from crawl2chat.chat_template import render
 from crawl2chat.common import C2CError
-from crawl2chat.engine import generate_batch
+from crawl2chat.engine import fit_prompt, generate_batch
 
 CHAT_STAGES = ("rlhf", "rl", "idk", "sft")  # latest first
 HINT = "(type a message; /reset to start over, /quit to leave)"
@@ -45,7 +45,7 @@ def reply_stream(model, tok, messages, *, temperature: float, top_k: int | None,
     room = max(16, min(max_tokens, seq_len // 2))  # context kept free for the reply
     limit = max(2, seq_len - room)
     if len(ids) > limit:
-        ids = [tok.bos_id] + ids[-(limit - 1):]
+        ids = fit_prompt(ids, limit, tok.bos_id)
         print(f"warning: the conversation is longer than the context ({seq_len} tokens): "
               f"prompt cut to the last {len(ids)} tokens", file=sys.stderr)
     stops = {tok.special_id("<|assistant_end|>"), tok.bos_id}

@@ -10,6 +10,11 @@ import torch
 from crawl2chat.model import GPT, KVCache
 
 
+def fit_prompt(ids: list[int], max_len: int, bos_id: int) -> list[int]:
+    """Keep <|bos|> and the last tokens of a prompt longer than max_len."""
+    return ids if len(ids) <= max_len else [bos_id] + ids[-(max_len - 1):]
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
                 generator: torch.Generator | None) -> torch.Tensor:
     """logits [B, V] → next ids [B]. temperature 0 is greedy."""

@@ -5,7 +5,7 @@ import re
 from collections import defaultdict
 
 from crawl2chat import world as world_mod
-from crawl2chat.engine import generate
+from crawl2chat.engine import fit_prompt, generate
 from crawl2chat.model import GPT
 
 
@@ -50,8 +50,7 @@ def chat_replies(model: GPT, tok, conversations: list[list[dict]], max_new_token
     end = tok.special_id("<|assistant_end|>")
     prompts = [render(tok, c, add_generation_prompt=True)[0] for c in conversations]
     max_new_tokens = min(max_new_tokens, model.cfg.seq_len // 2)
-    room = model.cfg.seq_len - max_new_tokens  # a longer prompt keeps <|bos|> and its last tokens
-    prompts = [[tok.bos_id] + p[-(room - 1):] if len(p) > room else p for p in prompts]
+    prompts = [fit_prompt(p, model.cfg.seq_len - max_new_tokens, tok.bos_id) for p in prompts]
     outs = generate(model, prompts, max_new_tokens, stop_ids=[end, tok.bos_id])
     return [(tok.decode([i for i in ids if i not in (end, tok.bos_id)]), bool(ids) and ids[-1] == end) for ids in outs]
 
