@@ -8,7 +8,7 @@ from crawl2chat.engine import generate
 from crawl2chat.tokenizer import Tokenizer
 from crawl2chat.train import load_model
 
-STAGES = ["world", "tokenizer", "tokenize", "pretrain", "sft"]
+STAGES = ["world", "tokenizer", "tokenize", "pretrain", "sft", "rl"]
 
 
 def subcommands() -> list[str]:

@@ -15,6 +15,7 @@ STAGE_HELP = {
     "tokenize": "turn the corpus into train/val token shards, documents joined by <|bos|>",
     "pretrain": "train the base GPT by next-token prediction (torchrun-able for DDP)",
     "sft": "fine-tune the base model on conversations, loss on the assistant's tokens only",
+    "rl": "reinforcement learning with GRPO on problems with known answers (pass@1 before/after)",
 }
 
 
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "sft":
             p.add_argument("--corrections", default=None, metavar="FILE",
                            help="a review file from `c2c correct` whose corrected answers join the SFT data")
-        if name in ("pretrain", "sft"):
+        if name in ("pretrain", "sft", "rl"):
             p.add_argument("--resume", action="store_true",
                            help=f"continue from the latest checkpoint in <run>/{'base' if name == 'pretrain' else name}/checkpoints")
 
@@ -82,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="review at most this many people")
 
     from crawl2chat.chat import build_chat_parser
+    from crawl2chat.tools import register_index
     build_chat_parser(sub)
+    register_index(sub)
 
     p = sub.add_parser("bench", help="benchmarks, each beside a baseline measured in the same run",
                        description="Run benchmarks and write bench.json: each figure beside a baseline "
@@ -150,8 +153,9 @@ def cmd_bench(args) -> None:
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     from crawl2chat.chat import cmd_chat
+    from crawl2chat.tools import cmd_index
     handlers = {"sample": cmd_sample, "show-tokens": cmd_show_tokens, "bench": cmd_bench, "chat": cmd_chat,
-                "correct": cmd_correct}
+                "correct": cmd_correct, "index": cmd_index}
     try:
         handlers.get(args.command, cmd_stage)(args)
     except C2CError as e:

@@ -26,8 +26,21 @@ class WorldConfig:
 
 
 @dataclass
+class DataConfig:
+    inputs: list = field(default_factory=list)  # WARC / JSONL / parquet files or folders of .html; [] = the world's crawl
+    workers: int = 1              # datatrove local executor tasks
+    languages: list = field(default_factory=lambda: ["en"])
+    language_threshold: float = 0.65
+    minhash: bool = True          # near-duplicate removal
+    pii: bool = True              # mask emails, phone numbers, IP addresses
+    val_fraction: float = 0.0     # share of clean documents held out for val loss when no val URL list is given
+    seed: int = 0
+
+
+@dataclass
 class TokenizerConfig:
     vocab_size: int = 2048
+    max_digits: int = 3           # numbers are pre-split into groups of at most this many digits
 
 
 @dataclass
@@ -74,6 +87,32 @@ class ChatDataConfig:
     seed: int = 0
 
 
+@dataclass
+class GRPOConfig:
+    init: str = ""                # model folder RL starts from; "" = the run's idk model, else its sft model
+    problems: list = field(default_factory=list)  # {question, answer} JSONL files; [] = the world's train problems
+    test_problems: str = ""       # held-out problems; "" = the world's test problems
+    eval_problems: int = 200      # held-out problems used for pass@1/pass@k (0 = all)
+    prompts_per_step: int = 16    # problems per rollout batch (per process)
+    group_size: int = 8           # completions sampled per problem (G)
+    max_new_tokens: int = 96
+    temperature: float = 1.0
+    inner_steps: int = 1          # optimiser steps per rollout batch (μ); >1 uses the clipped ratio
+    epsilon: float = 0.2          # clip range below 1
+    epsilon_high: float = 0.28    # clip range above 1 (DAPO's clip-higher)
+    beta: float = 0.0             # KL penalty to the starting model (0: logged, not optimised)
+    scale_std: bool = True        # divide advantages by the group's std (Dr. GRPO: False)
+    format_reward: float = 0.1    # for ending with "The answer is N." and the end token
+    brevity_reward: float = 0.1   # × the unused share of the token budget, correct answers only
+    pass_k: int = 8
+    seed: int = 0
+
+
+def _rl_train() -> "TrainConfig":
+    return TrainConfig(steps=60, batch_size=0, lr=2e-4, warmup_steps=5, schedule="wsd", decay_frac=0.2,
+                       eval_every=20, ckpt_every=20, grad_clip=1.0)
+
+
 def _sft_train() -> "TrainConfig":
     return TrainConfig(steps=150, batch_size=16, lr=1e-3, warmup_steps=10, decay_frac=0.5,
                        eval_every=50, eval_batches=4, ckpt_every=50)
@@ -83,11 +122,14 @@ def _sft_train() -> "TrainConfig":
 class Config:
     preset: str = "tiny"
     world: WorldConfig = field(default_factory=WorldConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: TrainConfig = field(default_factory=TrainConfig)
     chat_data: ChatDataConfig = field(default_factory=ChatDataConfig)
     sft: TrainConfig = field(default_factory=_sft_train)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    rl: TrainConfig = field(default_factory=_rl_train)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -109,6 +151,8 @@ def _smoke() -> Config:
     c.chat_data = ChatDataConfig(max_math=20)
     c.sft = TrainConfig(steps=10, batch_size=8, lr=1e-3, warmup_steps=2, eval_every=5, eval_batches=2,
                         ckpt_every=5, dtype="fp32")
+    c.grpo = GRPOConfig(prompts_per_step=4, group_size=4, max_new_tokens=24, eval_problems=6, pass_k=2)
+    c.rl = TrainConfig(steps=4, batch_size=0, lr=1e-4, warmup_steps=1, eval_every=2, ckpt_every=2, dtype="fp32")
     return c
 
 
@@ -148,11 +192,14 @@ def from_dict(d: dict) -> Config:
             kwargs["betas"] = tuple(kwargs["betas"])
         return cls(**kwargs)
     return Config(preset=d.get("preset", "custom"), world=build(WorldConfig, d.get("world", {})),
+                  data=build(DataConfig, d.get("data", {})),
                   tokenizer=build(TokenizerConfig, d.get("tokenizer", {})),
                   model=build(ModelConfig, d.get("model", {})),
                   pretrain=build(TrainConfig, d.get("pretrain", {})),
                   chat_data=build(ChatDataConfig, d.get("chat_data", {})),
-                  sft=build(TrainConfig, d["sft"]) if "sft" in d else _sft_train())
+                  sft=build(TrainConfig, d["sft"]) if "sft" in d else _sft_train(),
+                  grpo=build(GRPOConfig, d.get("grpo", {})),
+                  rl=build(TrainConfig, d["rl"]) if "rl" in d else _rl_train())
 
 
 def fingerprint(*parts) -> str:

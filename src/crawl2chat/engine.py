@@ -83,3 +83,125 @@ def generate(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, 
                 out[i] = ids
     model.train(was_training)
     return out
+
+
+# ---- tool calls mid-stream -----------------------------------------------------------------------
+
+_CALLS = {"<|python_start|>": "python", "<|search_start|>": "search"}
+_ENDS = {"python": "<|python_end|>", "search": "<|search_end|>"}
+
+
+def tool_parts_from_ids(tok, ids: Sequence[int]) -> list[dict]:
+    """An assistant reply's ids → its parts [{"type": text|python|search|output, "text": ...}] in the
+    chat template's format. Parsing stops at <|assistant_end|> or <|bos|>; an unclosed call or output
+    at the end is kept as it is; stray end delimiters and other special ids are dropped."""
+    sid = tok.special_id
+    starts = {sid(s): kind for s, kind in _CALLS.items()}
+    starts[sid("<|output_start|>")] = "output"
+    ends = {sid(e): kind for kind, e in _ENDS.items()}
+    ends[sid("<|output_end|>")] = "output"
+    stop = {sid("<|assistant_end|>"), tok.bos_id}
+    parts: list[dict] = []
+    kind, buf = "text", []
+
+    def flush() -> None:
+        if kind != "text" or buf:
+            text = tok.decode(buf)
+            if kind == "text" and parts and parts[-1]["type"] == "text":
+                parts[-1]["text"] += text
+            else:
+                parts.append({"type": kind, "text": text})
+
+    for t in ids:
+        t = int(t)
+        if t in stop:
+            break
+        if t in starts:
+            flush()
+            kind, buf = starts[t], []
+        elif t in ends:
+            if ends[t] == kind:
+                flush()
+                kind, buf = "text", []
+        elif not tok.is_special(t):
+            buf.append(t)
+    flush()
+    return parts
+
+
+@torch.no_grad()
+def generate_with_tools(model: GPT, tok, prompt_ids: Sequence[int], max_new_tokens: int,
+                        tools: dict[str, Callable[[str], str]], *, temperature: float = 0.0,
+                        top_k: int | None = None, top_p: float | None = None,
+                        generator: torch.Generator | None = None,
+                        on_token: Callable[[int, str], None] | None = None,
+                        max_calls: int = 4) -> tuple[list[int], list[dict]]:
+    """Generate one assistant reply, running tool calls as the model makes them.
+
+    When the model closes a call (<|python_end|> or <|search_end|>), the call's text is passed to
+    tools["python"] / tools["search"], and <|output_start|> result <|output_end|> is appended to the
+    sequence (prefilled into the KV cache); generation goes on until <|assistant_end|> (or <|bos|>), the
+    budget of max_new_tokens sampled tokens, or the context is full. Returns every new id (tool outputs
+    included) and the reply's parts (tool_parts_from_ids). The reply finished normally iff the last id
+    is <|assistant_end|>; otherwise it stopped for length.
+
+    on_token(id, kind) sees every new id, tool outputs included; kind is the part it belongs to:
+    "text", "python", "search" (delimiters included), "output" (injected, delimiters included), or
+    "end" for the final <|assistant_end|> / <|bos|>. A tool missing from `tools` answers
+    "tool not available"; after max_calls calls every call answers "tool call limit reached".
+    """
+    sid = tok.special_id
+    starts = {sid(s): kind for s, kind in _CALLS.items()}
+    ends = {sid(e): kind for kind, e in _ENDS.items()}
+    stops = {sid("<|assistant_end|>"), tok.bos_id}
+    out_start, out_end = sid("<|output_start|>"), sid("<|output_end|>")
+    device = next(model.parameters()).device
+    limit = model.cfg.seq_len
+    new: list[int] = []
+    if not prompt_ids or len(prompt_ids) >= limit or max_new_tokens <= 0:
+        return new, []
+    emit = on_token or (lambda t, kind: None)
+    was_training = model.training
+    model.eval()
+    cache = KVCache(model.cfg, 1, limit, device, next(model.parameters()).dtype)
+    logits = model(torch.tensor([list(prompt_ids)], dtype=torch.long, device=device), cache=cache)[:, -1]
+    call_kind, call_start, n_calls = None, 0, 0
+    for _ in range(max_new_tokens):
+        t = int(sample_next(logits, temperature, top_k, top_p, generator)[0])
+        new.append(t)
+        if t in stops:
+            emit(t, "end")
+            break
+        feed = [t]
+        if t in starts:
+            call_kind, call_start = starts[t], len(new)
+            emit(t, call_kind)
+        elif t in ends and ends[t] == call_kind:
+            emit(t, call_kind)
+            query = tok.decode(new[call_start:-1])
+            n_calls += 1
+            if n_calls > max_calls:
+                result = "tool call limit reached"
+            elif call_kind not in tools:
+                result = "tool not available"
+            else:
+                try:
+                    result = str(tools[call_kind](query))
+                except Exception as e:  # a tool's failure is the model's observation, not a crash
+                    result = f"tool error: {e}"
+            call_kind = None
+            room = limit - len(prompt_ids) - len(new) - 1  # keep one position for the next token
+            if room < 2:
+                break
+            output = [out_start] + tok.encode(result)[:room - 2] + [out_end]
+            for o in output:
+                emit(o, "output")
+            new.extend(output)
+            feed += output
+        else:
+            emit(t, call_kind or "text")
+        if cache.pos + len(feed) >= limit:
+            break  # no position left for another token: finish "length"
+        logits = model(torch.tensor([feed], dtype=torch.long, device=device), cache=cache)[:, -1]
+    model.train(was_training)
+    return new, tool_parts_from_ids(tok, new)

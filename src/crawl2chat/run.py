@@ -18,13 +18,18 @@ console = Console(stderr=True)
 
 def stage_world(run_dir: Path, cfg: Config, **_) -> dict:
     from crawl2chat import world
-    return world.write_world(world.build_world(cfg.world), run_dir / "world")
+    from crawl2chat.crawl import write_crawl
+    built = world.build_world(cfg.world)
+    metrics = world.write_world(built, run_dir / "world")
+    metrics["crawl"] = write_crawl(built, run_dir / "world", seed=cfg.world.seed)
+    return metrics
 
 
 def stage_tokenizer(run_dir: Path, cfg: Config, **_) -> dict:
     from crawl2chat.tokenizer import train_tokenizer_stage
     c4 = shared_data("text/llamafactory/c4_demo.jsonl")
-    return train_tokenizer_stage(corpus_path(run_dir), run_dir / "tokenizer", cfg.tokenizer.vocab_size, c4)
+    return train_tokenizer_stage(corpus_path(run_dir), run_dir / "tokenizer", cfg.tokenizer.vocab_size, c4,
+                                 cfg.tokenizer.max_digits)
 
 
 def stage_tokenize(run_dir: Path, cfg: Config, **_) -> dict:
@@ -43,6 +48,11 @@ def stage_sft(run_dir: Path, cfg: Config, resume: bool = False, **_) -> dict:
     return run_sft(run_dir, cfg, resume=resume)
 
 
+def stage_rl(run_dir: Path, cfg: Config, resume: bool = False, **_) -> dict:
+    from crawl2chat.rl import run_rl
+    return run_rl(run_dir, cfg, resume=resume)
+
+
 def corpus_path(run_dir: Path) -> Path:
     return run_dir / "world" / "corpus.jsonl"
 
@@ -54,6 +64,7 @@ STAGES: dict[str, tuple[Callable[..., dict], str, Callable[[Config], list]]] = {
     "tokenize": (stage_tokenize, "tokens", lambda c: []),
     "pretrain": (stage_pretrain, "base", lambda c: [c.model, c.pretrain]),
     "sft": (stage_sft, "sft", lambda c: [c.chat_data, c.sft]),
+    "rl": (stage_rl, "rl", lambda c: [c.grpo, c.rl]),
 }
 
 

@@ -32,9 +32,16 @@ SPECIAL_TOKENS = ["<|bos|>", "<|system_start|>", "<|system_end|>", "<|user_start
                   "<|assistant_start|>", "<|assistant_end|>", "<|python_start|>", "<|python_end|>",
                   "<|search_start|>", "<|search_end|>", "<|output_start|>", "<|output_end|>", "<|pad|>"]
 
-# The GPT-4 (cl100k_base) pre-split pattern.
-SPLIT_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"""
-                 r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+def split_pattern(max_digits: int = 3) -> str:
+    """The GPT-4 (cl100k_base) pre-split pattern; numbers are split into groups of at most max_digits
+    digits (3 in GPT-4; 1, as in Llama 2 and DeepSeek, makes arithmetic learnable by small models)."""
+    return (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,%d}|""" % max_digits
+            + r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+SPLIT_PATTERN = split_pattern(3)
 
 FILE_NAME = "tokenizer.json"
 
@@ -53,10 +60,10 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(bs, cs)}
 
 
-def _empty_hf() -> tokenizers.Tokenizer:
+def _empty_hf(max_digits: int = 3) -> tokenizers.Tokenizer:
     hf = tokenizers.Tokenizer(models.BPE(ignore_merges=False))
     hf.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(split_pattern(max_digits)), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     hf.decoder = decoders.ByteLevel()
@@ -89,12 +96,12 @@ class Tokenizer:
     # ---- construction ------------------------------------------------------------------------------
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int) -> "Tokenizer":
+    def train(cls, texts: Iterable[str], vocab_size: int, max_digits: int = 3) -> "Tokenizer":
         n_min = len(SPECIAL_TOKENS) + 256
         if vocab_size < n_min:
             raise C2CError(f"vocab_size {vocab_size} is too small: it must be at least {n_min} "
                            f"({len(SPECIAL_TOKENS)} special tokens + 256 bytes)")
-        hf = _empty_hf()
+        hf = _empty_hf(max_digits)
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size, min_frequency=0, show_progress=False,
             special_tokens=[AddedToken(s, special=True, normalized=False) for s in SPECIAL_TOKENS],
@@ -206,7 +213,8 @@ def _bytes_per_token(tok: Tokenizer, texts: list[str]) -> float | None:
     return sum(len(t.encode("utf-8")) for t in texts) / max(n_tokens, 1)
 
 
-def train_tokenizer_stage(corpus_path: Path, out_dir: Path, vocab_size: int, shared_c4: Path | None) -> dict:
+def train_tokenizer_stage(corpus_path: Path, out_dir: Path, vocab_size: int, shared_c4: Path | None,
+                          max_digits: int = 3) -> dict:
     """Train on the split=="train" documents of corpus.jsonl, save out_dir/tokenizer.json, return metrics.
 
     A row without "split" counts as train; bytes_per_token is measured on the split=="val" rows
@@ -241,7 +249,7 @@ def train_tokenizer_stage(corpus_path: Path, out_dir: Path, vocab_size: int, sha
         yield from it
 
     t0 = time.perf_counter()
-    tok = Tokenizer.train(chained(), vocab_size)
+    tok = Tokenizer.train(chained(), vocab_size, max_digits)
     train_s = time.perf_counter() - t0
     tok.save(out_dir)
 
@@ -251,6 +259,7 @@ def train_tokenizer_stage(corpus_path: Path, out_dir: Path, vocab_size: int, sha
     n_reserved = sum(1 for s in tok._added.values() if s.startswith("<|reserved_"))
     return {
         "vocab_size": tok.vocab_size,
+        "max_digits": max_digits,
         "train_docs": stats["train_docs"],
         "train_chars": stats["train_chars"],
         "train_s": round(train_s, 4),

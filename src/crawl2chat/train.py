@@ -26,7 +26,8 @@ from crawl2chat.common import C2CError, atomic_write_bytes, atomic_write_json, d
 from crawl2chat.config import TrainConfig
 from crawl2chat.model import GPT, GPTConfig
 
-BatchFn = Callable[[int, int, int, int], tuple]  # (step, micro, rank, world) → (x, y)
+BatchFn = Callable[[int, int, int, int], object]  # (step, micro, rank, world) → (x, y) or a loss_fn batch
+LossFn = Callable[[torch.nn.Module, object, torch.device], tuple]  # (model, batch, device) → (loss, stats)
 
 
 # ---------------------------------------------------------------- device, precision, distributed
@@ -204,8 +205,11 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 
 
 def train(model: GPT, cfg: TrainConfig, out_dir: Path, batch_fn: BatchFn, *, tokens_per_micro: int,
-          eval_fn: Callable[[GPT], dict] | None = None, resume: bool = False, desc: str = "train") -> dict:
+          eval_fn: Callable[[GPT], dict] | None = None, resume: bool = False, desc: str = "train",
+          loss_fn: LossFn | None = None, bar_keys: tuple = ()) -> dict:
     """Train `model` for cfg.steps optimizer steps; returns the run's summary metrics.
+    batch_fn(step, micro, rank, world) gives a micro-batch: (x, y) for next-token loss, or anything
+    `loss_fn(model, batch, device) -> (loss, stats)` understands (RL); stats go into metrics.jsonl.
     Writes out_dir/metrics.jsonl, out_dir/checkpoints/, and finally out_dir/model.safetensors + config.json."""
     out_dir = Path(out_dir)
     device = pick_device()
@@ -253,12 +257,20 @@ def train(model: GPT, cfg: TrainConfig, out_dir: Path, batch_fn: BatchFn, *, tok
                 for g in opt.param_groups:
                     g["lr"] = g["base_lr"] * mult
             loss_sum = torch.zeros((), device=device)
+            step_stats: dict = {}
+            micro_tokens = 0 if loss_fn is not None else tokens_per_step
             for micro in range(cfg.grad_accum):
-                x, y = batch_fn(step, micro, rank, world)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                batch = batch_fn(step, micro, rank, world)
                 sync = contextlib.nullcontext() if (world == 1 or micro == cfg.grad_accum - 1) else model.no_sync()
                 with sync, autocast(device, dtype):
-                    loss = step_fn(x, y)
+                    if loss_fn is None:
+                        x, y = (t.to(device, non_blocking=True) for t in batch)
+                        loss = step_fn(x, y)
+                    else:
+                        loss, stats = loss_fn(step_fn, batch, device)
+                        micro_tokens += stats.pop("tokens", tokens_per_micro) * world
+                        for k, v in stats.items():
+                            step_stats[k] = step_stats.get(k, 0.0) + v / cfg.grad_accum
                 (loss / cfg.grad_accum).backward()
                 loss_sum += loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else torch.zeros(())
@@ -272,13 +284,13 @@ def train(model: GPT, cfg: TrainConfig, out_dir: Path, batch_fn: BatchFn, *, tok
             loss_f = loss_val.item()
             dt = time.perf_counter() - t0
             t_train += dt
-            n_tok += tokens_per_step
+            n_tok += micro_tokens
             done = step + 1
             if not math.isfinite(loss_f):
                 raise C2CError(f"{desc}: loss became {loss_f} at step {done}; lower the learning rate")
             row = {"step": done, "loss": loss_f, "lr": opts[0].param_groups[0]["lr"],
-                   "grad_norm": float(grad_norm), "tok_per_s": tokens_per_step / dt,
-                   "gflops": flops_per_token * tokens_per_step / dt / 1e9}
+                   "grad_norm": float(grad_norm), "tok_per_s": micro_tokens / dt,
+                   "gflops": flops_per_token * micro_tokens / dt / 1e9, **step_stats}
             if eval_fn is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
                 if rank == 0:
                     last_eval = eval_fn(raw)
@@ -289,8 +301,9 @@ def train(model: GPT, cfg: TrainConfig, out_dir: Path, batch_fn: BatchFn, *, tok
                 log.write(json.dumps(row) + "\n")
                 log.flush()
                 post = {"loss": f"{loss_f:.4f}", "tok/s": f"{row['tok_per_s']:.0f}"}
-                if "val_bpb" in last_eval:
-                    post["val_bpb"] = f"{last_eval['val_bpb']:.3f}"
+                for key in ("val_bpb", *bar_keys):
+                    if key in row or key in last_eval:
+                        post[key] = f"{row.get(key, last_eval.get(key)):.3f}"
                 bar.set_postfix(post, refresh=False)
                 bar.update(1)
             summary = {"final_loss": loss_f}

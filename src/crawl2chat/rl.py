@@ -1,0 +1,266 @@
+"""GRPO on problems with known answers (DeepSeekMath; TRL's GRPOTrainer; DAPO's clip-higher and token-level
+normalisation; Dr. GRPO's option to skip std scaling). Rollouts come from the engine, the optimisation from
+the one training loop (train.train with a loss_fn)."""
+from __future__ import annotations
+
+import copy
+import random
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from crawl2chat.chat_template import render
+from crawl2chat.common import C2CError, dist_info
+from crawl2chat.config import Config, GRPOConfig
+from crawl2chat.engine import fit_prompt, generate
+from crawl2chat.problems import final_answer, load_problems, same_number
+from crawl2chat.tokenizer import Tokenizer
+from crawl2chat.train import load_model, train
+
+_FORMAT = re.compile(r"The answer is -?[$€£]?[\d,]*\d(?:\.\d+)?\.?\s*$")
+
+
+# ---------------------------------------------------------------- rewards and the GRPO objective
+
+def reward(text: str, ended: bool, n_tokens: int, gold, g: GRPOConfig) -> tuple[float, bool]:
+    """1 for a correct final answer; + format_reward for ending with 'The answer is N.' and the end
+    token; + brevity_reward × (share of the token budget left) for correct answers only."""
+    correct = same_number(final_answer(text), gold)
+    r = 1.0 if correct else 0.0
+    if ended and _FORMAT.search(text.strip()):
+        r += g.format_reward
+    if correct:
+        r += g.brevity_reward * max(0.0, 1.0 - n_tokens / g.max_new_tokens)
+    return r, correct
+
+
+def group_advantages(rewards: torch.Tensor, scale_std: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """rewards [n_groups, G] → advantages: reward minus its group's mean (over the group's std when
+    scale_std). A group whose rewards are all equal gets zero advantages: it teaches nothing."""
+    adv = rewards - rewards.mean(dim=1, keepdim=True)
+    if scale_std:
+        std = rewards.std(dim=1, keepdim=True)
+        adv = torch.where(std > 0, adv / (std + eps), torch.zeros_like(adv))
+    return adv
+
+
+def grpo_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
+                    eps_low: float, eps_high: float, ref_logp: torch.Tensor | None = None,
+                    beta: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Clipped policy-ratio objective per completion token. logp/old_logp/ref_logp/mask: [B, T]; adv: [B].
+    Returns the SUM of per-token losses over masked tokens (the caller divides by the batch's token
+    count: DAPO's token-level normalisation) and statistics."""
+    ratio = torch.exp(logp - old_logp)
+    a = adv.unsqueeze(1)
+    unclipped = ratio * a
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * a
+    per_token = -torch.minimum(unclipped, clipped)
+    kl = torch.zeros_like(logp)
+    if ref_logp is not None:  # k3 estimator of KL(policy || reference), always ≥ 0
+        d = ref_logp - logp
+        kl = torch.exp(d) - d - 1
+        if beta:
+            per_token = per_token + beta * kl
+    m = mask.float()
+    n = m.sum().clamp(min=1)
+    was_clipped = ((ratio < 1 - eps_low) & (a < 0)) | ((ratio > 1 + eps_high) & (a > 0))
+    stats = {"clip_frac": float((was_clipped.float() * m).sum() / n), "kl": float((kl.detach() * m).sum() / n)}
+    return (per_token * m).sum(), stats
+
+
+# ---------------------------------------------------------------- rollouts
+
+@dataclass
+class Rollouts:
+    seqs: list[list[int]]        # prompt + completion ids
+    prompt_lens: list[int]
+    advantages: torch.Tensor     # [N]
+    old_logp: list[torch.Tensor] | None
+    ref_logp: list[torch.Tensor] | None
+    stats: dict
+
+
+def completion_logp(model, seqs: list[list[int]], prompt_lens: list[int], pad_id: int,
+                    device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of each completion token under `model`: [B, T-1] (0 on prompt/padding), and the mask."""
+    T = max(len(s) for s in seqs)
+    x = torch.full((len(seqs), T - 1), pad_id, dtype=torch.long)
+    y = torch.full((len(seqs), T - 1), -1, dtype=torch.long)
+    for i, (s, p) in enumerate(zip(seqs, prompt_lens)):
+        x[i, :len(s) - 1] = torch.tensor(s[:-1])
+        y[i, p - 1:len(s) - 1] = torch.tensor(s[p:])
+    x, y = x.to(device), y.to(device)
+    nats = model(x, y, reduction="none").view(len(seqs), T - 1)
+    mask = (y >= 0)
+    return -nats * mask, mask
+
+
+@torch.no_grad()
+def per_token_logp(model, seqs, prompt_lens, pad_id: int, device, chunk: int = 32) -> list[torch.Tensor]:
+    """completion_logp for many sequences, in chunks, each row trimmed to its own length."""
+    out = []
+    for s in range(0, len(seqs), chunk):
+        lp, _ = completion_logp(model, seqs[s:s + chunk], prompt_lens[s:s + chunk], pad_id, device)
+        out += [row[:len(seq) - 1].float().cpu() for row, seq in zip(lp, seqs[s:s + chunk])]
+    return out
+
+
+def prompt_ids(tok: Tokenizer, question: str, max_len: int) -> list[int]:
+    ids, _ = render(tok, [{"role": "user", "content": question}], add_generation_prompt=True)
+    return fit_prompt(ids, max_len, tok.bos_id)
+
+
+def sample_completions(model, tok: Tokenizer, questions: list[str], n: int, max_new_tokens: int,
+                       temperature: float, seed: int) -> list[tuple[list[int], list[int], str, bool]]:
+    """n sampled completions per question (greedy when temperature is 0): (prompt, completion ids, text, ended)."""
+    end = tok.special_id("<|assistant_end|>")
+    budget = model.cfg.seq_len - max_new_tokens
+    prompts = [prompt_ids(tok, q, budget) for q in questions for _ in range(n)]
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    outs = generate(model, prompts, max_new_tokens, temperature=temperature, stop_ids=[end, tok.bos_id],
+                    generator=gen)
+    return [(p, o, tok.decode([t for t in o if t not in (end, tok.bos_id)]), bool(o) and o[-1] == end)
+            for p, o in zip(prompts, outs)]
+
+
+def make_rollouts(policy, ref, tok: Tokenizer, problems: list[dict], g: GRPOConfig, seed: int, device) -> Rollouts:
+    t0 = time.perf_counter()
+    samples = sample_completions(policy, tok, [p["question"] for p in problems], g.group_size,
+                                 g.max_new_tokens, g.temperature, seed)
+    gen_s = time.perf_counter() - t0
+    rewards, correct, lengths = [], [], []
+    for i, (_, comp, text, ended) in enumerate(samples):
+        r, ok = reward(text, ended, len(comp), problems[i // g.group_size]["answer"], g)
+        rewards.append(r)
+        correct.append(ok)
+        lengths.append(len(comp))
+    R = torch.tensor(rewards).view(len(problems), g.group_size)
+    adv = group_advantages(R, g.scale_std).view(-1)
+    seqs = [p + c for p, c, _, _ in samples]
+    plens = [len(p) for p, _, _, _ in samples]
+    keep = [i for i, c in enumerate(samples) if c[1]]  # an empty completion has no token to train
+    seqs, plens, adv = [seqs[i] for i in keep], [plens[i] for i in keep], adv[keep]
+    pad = tok.special_id("<|pad|>")
+    old = per_token_logp(policy, seqs, plens, pad, device) if g.inner_steps > 1 else None
+    refs = per_token_logp(ref, seqs, plens, pad, device)
+    equal = (R.max(dim=1).values == R.min(dim=1).values).float().mean()
+    n_correct = sum(correct)
+    stats = {"reward_mean": float(R.mean()), "reward_std": float(R.std()), "equal_groups": float(equal),
+             "accuracy": n_correct / len(correct), "resp_len": sum(lengths) / len(lengths),
+             "correct_len": sum(l for l, c in zip(lengths, correct) if c) / max(1, n_correct), "gen_s": gen_s}
+    return Rollouts(seqs, plens, adv, old, refs, stats)
+
+
+# ---------------------------------------------------------------- evaluation
+
+def pass_at(model, tok: Tokenizer, problems: list[dict], k: int, max_new_tokens: int, seed: int = 0) -> dict:
+    """pass@1 (greedy) and pass@k (k samples at temperature 1, correct if any is), and the mean length
+    (tokens) of correct greedy responses."""
+    greedy = sample_completions(model, tok, [p["question"] for p in problems], 1, max_new_tokens, 0.0, seed)
+    ok1 = [same_number(final_answer(t), p["answer"]) for p, (_, _, t, _) in zip(problems, greedy)]
+    out = {"pass1": sum(ok1) / len(problems), "len": sum(len(c) for (_, c, _, _), o in zip(greedy, ok1) if o) / max(1, sum(ok1)),
+           "n": len(problems)}
+    if k > 1:
+        sampled = sample_completions(model, tok, [p["question"] for p in problems], k, max_new_tokens, 1.0, seed)
+        hits = [any(same_number(final_answer(sampled[i * k + j][2]), p["answer"]) for j in range(k))
+                for i, p in enumerate(problems)]
+        out[f"pass{k}"] = sum(hits) / len(problems)
+    out["examples"] = [{"question": p["question"], "answer": str(p["answer"]), "reply": t, "correct": o}
+                       for p, (_, _, t, _), o in list(zip(problems, greedy, ok1))[:4]]
+    return out
+
+
+# ---------------------------------------------------------------- the stage
+
+def init_model_dir(run_dir: Path, init: str) -> Path:
+    if init:
+        path = Path(init) if Path(init).is_absolute() or Path(init).exists() else run_dir / init
+    else:
+        path = next((run_dir / s for s in ("idk", "sft") if (run_dir / s / "model.safetensors").exists()), run_dir / "sft")
+    if not (path / "model.safetensors").exists():
+        raise C2CError(f"{path}: no model to start RL from (run `c2c sft` first, or set grpo.init)")
+    return path
+
+
+def problem_sets(run_dir: Path, g: GRPOConfig) -> tuple[list[dict], list[dict]]:
+    train_files = g.problems or [run_dir / "world" / "problems_train.jsonl"]
+    train_set = [p for f in train_files for p in load_problems(Path(f))]
+    test_set = load_problems(Path(g.test_problems) if g.test_problems else run_dir / "world" / "problems_test.jsonl")
+    return train_set, test_set[:g.eval_problems] if g.eval_problems else test_set
+
+
+def run_rl(run_dir: Path, cfg: Config, resume: bool = False) -> dict:
+    run_dir = Path(run_dir)
+    g, tc = cfg.grpo, cfg.rl
+    if tc.grad_accum < 1 or g.prompts_per_step % tc.grad_accum:
+        raise C2CError(f"grpo.prompts_per_step ({g.prompts_per_step}) must be a multiple of rl.grad_accum ({tc.grad_accum})")
+    tok = Tokenizer.load(run_dir / "tokenizer")
+    start_dir = init_model_dir(run_dir, g.init)
+    policy = load_model(start_dir)
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    train_set, test_set = problem_sets(run_dir, g)
+    pad = tok.special_id("<|pad|>")
+    rank = dist_info()[0]
+    before = pass_at(policy.eval(), tok, test_set, g.pass_k, g.max_new_tokens, seed=g.seed) if rank == 0 else {}
+    policy.train()
+    cache: dict = {}
+
+    def batch_fn(step: int, micro: int, rank: int, world: int):
+        r = step // g.inner_steps
+        if cache.get("index") != r:
+            rng = random.Random(g.seed * 1_000_003 + r)
+            chosen = rng.sample(range(len(train_set)), min(len(train_set), g.prompts_per_step * world))
+            mine = [train_set[i] for i in chosen[rank::world]]
+            device = next(policy.parameters()).device
+            ref.to(device)
+            was = policy.training
+            policy.eval()
+            cache.update(index=r, rollouts=make_rollouts(policy, ref, tok, mine, g, g.seed + 7919 * r + rank, device))
+            policy.train(was)
+        ro: Rollouts = cache["rollouts"]
+        n = len(ro.seqs)
+        per = -(-n // tc.grad_accum)
+        idx = list(range(micro * per, min(n, (micro + 1) * per)))
+        n_tokens = sum(len(s) - p for s, p in zip(ro.seqs, ro.prompt_lens))
+        return ro, idx, n_tokens, micro == 0 and step % g.inner_steps == 0
+
+    def loss_fn(model, batch, device):
+        ro, idx, n_tokens, first = batch
+        if not idx:
+            return sum(p.sum() * 0 for p in model.parameters()), {"tokens": 0}
+        seqs, plens = [ro.seqs[i] for i in idx], [ro.prompt_lens[i] for i in idx]
+        logp, mask = completion_logp(model, seqs, plens, pad, device)
+        T = logp.size(1)
+
+        def stack(rows):
+            return torch.stack([torch.nn.functional.pad(rows[i], (0, T - len(rows[i]))) for i in idx]).to(device)
+        old = stack(ro.old_logp) if ro.old_logp is not None else logp.detach()
+        refl = stack(ro.ref_logp) if ro.ref_logp is not None else None
+        loss_sum, stats = grpo_token_loss(logp, old, ro.advantages[idx].to(device), mask, g.epsilon,
+                                          g.epsilon_high, refl, g.beta)
+        loss = loss_sum * tc.grad_accum / max(1, n_tokens)
+        stats["tokens"] = int(mask.sum())
+        stats.update(ro.stats)
+        return loss, stats
+
+    def eval_fn(model):
+        res = pass_at(model.eval(), tok, test_set, 1, g.max_new_tokens, seed=g.seed)
+        model.train()
+        return {"pass1": res["pass1"]}
+
+    summary = train(policy, tc, run_dir / "rl", batch_fn, tokens_per_micro=0, eval_fn=eval_fn, resume=resume,
+                    desc="rl", loss_fn=loss_fn, bar_keys=("reward_mean", "accuracy", "pass1"))
+    if rank != 0:
+        return summary
+    after = pass_at(policy.float().eval(), tok, test_set, g.pass_k, g.max_new_tokens, seed=g.seed)
+    summary.update({"init": str(start_dir.relative_to(run_dir) if start_dir.is_relative_to(run_dir) else start_dir),
+                    "pass1_before": before["pass1"], "pass1_after": after["pass1"],
+                    f"pass{g.pass_k}_before": before.get(f"pass{g.pass_k}"),
+                    f"pass{g.pass_k}_after": after.get(f"pass{g.pass_k}"),
+                    "len_before": before["len"], "len_after": after["len"], "test_problems": len(test_set),
+                    "train_problems": len(train_set), "examples_before": before["examples"],
+                    "examples_after": after["examples"]})
+    return summary
