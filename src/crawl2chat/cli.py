@@ -83,9 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="review at most this many people")
 
     from crawl2chat.chat import build_chat_parser
+    from crawl2chat.serve import register as register_serve
     from crawl2chat.tools import register_index
     build_chat_parser(sub)
     register_index(sub)
+    register_serve(sub)
+
+    p = sub.add_parser("report", help="write <run>/report.md with every stage's metrics and PNG plots",
+                       description="Write report.md and PNG plots (loss curves, data funnel, RL reward and "
+                       "pass@1, RLHF proxy vs gold) from the run directory. `c2c run` does this at the end.")
+    p.add_argument("--out", type=Path, default=Path("runs/tiny"), help="run directory (default: runs/tiny)")
 
     p = sub.add_parser("bench", help="benchmarks, each beside a baseline measured in the same run",
                        description="Run benchmarks and write bench.json: each figure beside a baseline "
@@ -145,6 +152,11 @@ def cmd_correct(args) -> None:
     print(json.dumps(run_correct(args.out, args.stage, args.oracle, args.review, args.limit), indent=2))
 
 
+def cmd_report(args) -> None:
+    from crawl2chat.report import write_report
+    print(write_report(args.out))
+
+
 def cmd_bench(args) -> None:
     from crawl2chat.bench import run_benchmarks
     run_benchmarks(args.what, args.out, steps=args.steps)
@@ -153,9 +165,10 @@ def cmd_bench(args) -> None:
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     from crawl2chat.chat import cmd_chat
+    from crawl2chat.serve import cmd_serve
     from crawl2chat.tools import cmd_index
     handlers = {"sample": cmd_sample, "show-tokens": cmd_show_tokens, "bench": cmd_bench, "chat": cmd_chat,
-                "correct": cmd_correct, "index": cmd_index}
+                "correct": cmd_correct, "index": cmd_index, "report": cmd_report, "serve": cmd_serve}
     try:
         handlers.get(args.command, cmd_stage)(args)
     except C2CError as e:

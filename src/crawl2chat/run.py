@@ -156,5 +156,7 @@ def run_all(run_dir: Path, cfg: Config, until: str | None = None, force: bool = 
         if name == until:
             break
     report = update_report(run_dir)
+    from crawl2chat.report import write_report
+    write_report(run_dir)
     console.print(f"[green]done[/green] in {time.time() - t0:.0f}s → {run_dir / 'report.json'}")
     return report

@@ -1,0 +1,135 @@
+"""report.md + PNG plots: every stage's final metrics in tables and its curves, from the run directory alone."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from crawl2chat.common import C2CError, atomic_write_text, read_json
+
+# stage → (folder, curves to plot from metrics.jsonl: (y key, label))
+CURVES = {
+    "pretrain": ("base", [("loss", "train loss"), ("val_loss", "val loss")]),
+    "sft": ("sft", [("loss", "train loss"), ("val_loss", "val loss")]),
+    "idk": ("idk", [("loss", "train loss"), ("val_loss", "val loss")]),
+    "rl": ("rl", [("reward_mean", "reward (mean)"), ("accuracy", "rollout accuracy"), ("pass1", "held-out pass@1")]),
+    "rm": ("rm", [("loss", "train loss"), ("val_acc", "held-out pair accuracy")]),
+    "rlhf": ("rlhf", [("proxy", "reward model (proxy)"), ("gold", "rubric (gold)"), ("kl", "KL to start")]),
+}
+
+
+def _rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_curves(rows: list[dict], curves: list[tuple[str, str]], title: str, out: Path) -> bool:
+    series = [(label, [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))])
+              for key, label in curves]
+    series = [(label, pts) for label, pts in series if pts]
+    if not series:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.4), dpi=110)
+    for label, pts in series:
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, markersize=3, label=label)
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return True
+
+
+def plot_funnel(stats: dict, out: Path) -> bool:
+    steps = stats.get("funnel") or []
+    if not steps:
+        return False
+    plt = _plt()
+    names = [s["step"] for s in steps]
+    kept = [s["docs_out"] for s in steps]
+    fig, ax = plt.subplots(figsize=(6, 0.4 * len(names) + 1.2), dpi=110)
+    ax.barh(range(len(names)), kept, color="#4a7ab5")
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.invert_yaxis()
+    for i, k in enumerate(kept):
+        ax.text(k, i, f" {k}", va="center", fontsize=7)
+    ax.set_xlabel("documents left after the step")
+    ax.set_title("data funnel")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return True
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (dict, list)):
+        s = json.dumps(v)
+        return s if len(s) <= 80 else s[:77] + "..."
+    return str(v)
+
+
+def _table(metrics: dict) -> list[str]:
+    rows = [(k, v) for k, v in metrics.items() if not k.startswith("examples") and not k.endswith("_examples")
+            and not (isinstance(v, list) and v and isinstance(v[0], dict))]
+    if not rows:
+        return []
+    return ["| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v).replace('|', '/')} |" for k, v in rows]
+
+
+def _examples(metrics: dict) -> list[str]:
+    out = []
+    for key, value in metrics.items():
+        if (key.startswith("examples") or key.endswith("_examples")) and isinstance(value, list) and value:
+            out += [f"", f"<details><summary>{key}</summary>", ""]
+            for ex in value[:4]:
+                out.append("- " + "; ".join(f"**{k}**: {str(v)[:200]}" for k, v in ex.items()).replace("\n", " "))
+            out += ["", "</details>"]
+    return out
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write <run>/report.md and its PNGs from report.json, each stage's metrics.jsonl and data/stats.json."""
+    run_dir = Path(run_dir)
+    report_path = run_dir / "report.json"
+    if not report_path.exists():
+        raise C2CError(f"{run_dir}: no report.json — run a stage first (c2c run)")
+    report = read_json(report_path, "run report")
+    lines = [f"# crawl2chat run: {run_dir.name}", "",
+             "Every figure below is computed from the run directory (report.json, each stage's metrics.jsonl).", ""]
+    stats_path = run_dir / "data" / "stats.json"
+    for stage, metrics in report.items():
+        lines += [f"## {stage}", ""]
+        if stage == "data" and stats_path.exists() and plot_funnel(read_json(stats_path), run_dir / "data_funnel.png"):
+            lines += ["![data funnel](data_funnel.png)", ""]
+        if stage in CURVES:
+            folder, curves = CURVES[stage]
+            png = f"{stage}_curves.png"
+            if plot_curves(_rows(run_dir / folder / "metrics.jsonl"), curves, stage, run_dir / png):
+                lines += [f"![{stage} curves]({png})", ""]
+        lines += _table(metrics) + _examples(metrics) + [""]
+    hack = run_dir / "rlhf_noguard" / "metrics.jsonl"
+    if hack.exists() and plot_curves(_rows(hack), CURVES["rlhf"][1], "rlhf without the guard and KL",
+                                     run_dir / "rlhf_noguard_curves.png"):
+        lines += ["## reward hacking without the guard", "", "![no guard](rlhf_noguard_curves.png)", ""]
+    out = run_dir / "report.md"
+    atomic_write_text(out, "\n".join(lines))
+    return out
