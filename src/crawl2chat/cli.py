@@ -83,11 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="review at most this many people")
 
     from crawl2chat.chat import build_chat_parser
+    from crawl2chat.export import register as register_export
     from crawl2chat.serve import register as register_serve
     from crawl2chat.tools import register_index
     build_chat_parser(sub)
     register_index(sub)
     register_serve(sub)
+    register_export(sub)
 
     p = sub.add_parser("report", help="write <run>/report.md with every stage's metrics and PNG plots",
                        description="Write report.md and PNG plots (loss curves, data funnel, RL reward and "
@@ -165,10 +167,11 @@ def cmd_bench(args) -> None:
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     from crawl2chat.chat import cmd_chat
+    from crawl2chat.export import cmd_export
     from crawl2chat.serve import cmd_serve
     from crawl2chat.tools import cmd_index
     handlers = {"sample": cmd_sample, "show-tokens": cmd_show_tokens, "bench": cmd_bench, "chat": cmd_chat,
-                "correct": cmd_correct, "index": cmd_index, "report": cmd_report, "serve": cmd_serve}
+                "correct": cmd_correct, "index": cmd_index, "report": cmd_report, "serve": cmd_serve, "export": cmd_export}
     try:
         handlers.get(args.command, cmd_stage)(args)
     except C2CError as e:

@@ -38,6 +38,18 @@ def pick_device() -> torch.device:
     return torch.device("cpu")
 
 
+# dense bf16 peak FLOP/s by GPU name, for MFU as nanochat reports it
+GPU_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
+                 "4090": 165e12, "A10": 125e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in GPU_BF16_PEAK.items() if k in name), None)
+
+
 @functools.cache
 def cpu_bf16_is_faster() -> bool:
     """Time a model-shaped matmul in both dtypes: CPUs with AMX run bf16 several times faster,
@@ -244,6 +256,7 @@ def train(model: GPT, cfg: TrainConfig, out_dir: Path, batch_fn: BatchFn, *, tok
     signal.signal(signal.SIGINT, lambda *_: stop.update(flag=True))
     tokens_per_step = tokens_per_micro * cfg.grad_accum * world
     flops_per_token = raw.flops_per_token()
+    peak = peak_flops(device)
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=rank != 0, dynamic_ncols=True)
     log = open(metrics_path, "a") if rank == 0 else None
     summary: dict = {}
@@ -264,6 +277,8 @@ def train(model: GPT, cfg: TrainConfig, out_dir: Path, batch_fn: BatchFn, *, tok
                 sync = contextlib.nullcontext() if (world == 1 or micro == cfg.grad_accum - 1) else model.no_sync()
                 with sync, autocast(device, dtype):
                     if loss_fn is None:
+                        if device.type == "cuda":  # page-locked host memory lets the copy overlap compute
+                            batch = (t.pin_memory() for t in batch)
                         x, y = (t.to(device, non_blocking=True) for t in batch)
                         loss = step_fn(x, y)
                     else:
@@ -291,6 +306,8 @@ def train(model: GPT, cfg: TrainConfig, out_dir: Path, batch_fn: BatchFn, *, tok
             row = {"step": done, "loss": loss_f, "lr": opts[0].param_groups[0]["lr"],
                    "grad_norm": float(grad_norm), "tok_per_s": micro_tokens / dt,
                    "gflops": flops_per_token * micro_tokens / dt / 1e9, **step_stats}
+            if peak:
+                row["mfu"] = flops_per_token * micro_tokens / dt / (peak * world)
             if eval_fn is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
                 if rank == 0:
                     last_eval = eval_fn(raw)
@@ -301,6 +318,8 @@ def train(model: GPT, cfg: TrainConfig, out_dir: Path, batch_fn: BatchFn, *, tok
                 log.write(json.dumps(row) + "\n")
                 log.flush()
                 post = {"loss": f"{loss_f:.4f}", "tok/s": f"{row['tok_per_s']:.0f}"}
+                if "mfu" in row:
+                    post["mfu"] = f"{100 * row['mfu']:.1f}%"
                 for key in ("val_bpb", *bar_keys):
                     if key in row or key in last_eval:
                         post[key] = f"{row.get(key, last_eval.get(key)):.3f}"
@@ -325,6 +344,7 @@ def train(model: GPT, cfg: TrainConfig, out_dir: Path, batch_fn: BatchFn, *, tok
     summary.update({"steps": cfg.steps, "resumed_from": start, "tokens": n_tok, "train_s": t_train,
                     "wall_s": time.time() - wall0, "tok_per_s": n_tok / max(t_train, 1e-9),
                     "gflops": flops_per_token * n_tok / max(t_train, 1e-9) / 1e9, "dtype": dtype,
+                    "mfu": flops_per_token * n_tok / max(t_train, 1e-9) / (peak * world) if peak else None,
                     "world_size": world, "params": raw.num_params(), "params_non_embedding": raw.num_params(True),
                     "device": device.type})
     return summary
