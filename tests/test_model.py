@@ -161,6 +161,26 @@ def test_batched_generate_equals_one_by_one():
     assert model.training is False
 
 
+def test_ragged_batches_equal_one_by_one():
+    """Left-padded prompts of different lengths in one batch: padding is masked out of attention and
+    RoPE is relative, so the continuations and the logits match the unpadded ones."""
+    model = sharp_model(3)
+    g = torch.Generator().manual_seed(3)
+    prompts = [random_prompt(g, n) for n in (1, 9, 4, 4, 12, 2)]
+    one_by_one = [generate(model, [p], 10)[0] for p in prompts]
+    assert generate(model, prompts, 10, ragged=True) == one_by_one
+    assert generate(model, prompts, 10, ragged=True, batch_size=4) == one_by_one
+    L = 12
+    padded = torch.tensor([[0] * (L - len(p)) + p for p in prompts])
+    cache = KVCache(CFG, len(prompts), CFG.seq_len, "cpu", torch.float32)
+    cache.key_mask = torch.ones(len(prompts), CFG.seq_len, dtype=torch.bool)
+    cache.key_mask[:, :L] = torch.tensor([[j >= L - len(p) for j in range(L)] for p in prompts])
+    with torch.no_grad():
+        last = model(padded, cache=cache)[:, -1]
+        for i, p in enumerate(prompts):
+            torch.testing.assert_close(last[i], model(torch.tensor([p]))[0, -1], atol=1e-4, rtol=0)
+
+
 def test_generate_restores_training_mode():
     model = sharp_model(2)
     model.train()

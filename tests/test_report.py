@@ -19,10 +19,9 @@ def test_report_of_the_smoke_run(smoke_run, copy_run):
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 assert f"| {key} | {_fmt(value)} |" in text, key
-    for stage in ("pretrain", "sft", "rl"):
-        png = run / f"{stage}_curves.png"
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert f"({stage}_curves.png)" in text
+    for png_name in ["data_funnel.png"] + [f"{s}_curves.png" for s in ("pretrain", "sft", "idk", "rl", "rm", "rlhf")]:
+        assert (run / png_name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png_name
+        assert f"({png_name})" in text
     assert write_report(run).read_text() == text
 
 

@@ -216,17 +216,19 @@ def test_openai_client_raises_bad_request(client):
 
 
 def test_concurrent_streams_do_not_mix(client, names):
+    # seeded sampling: each request's reply is fixed by its seed, and different requests differ
     prompts = [q.format(n) for q, n in zip(QUESTIONS, names)]
-    alone = [ask(client, p, temperature=0, max_tokens=24).choices[0].message.content for p in prompts]
-    assert len(set(alone)) > 1  # different prompts, different replies: mixing would show
+    alone = [ask(client, p, temperature=1.0, seed=i, max_tokens=24).choices[0].message.content
+             for i, p in enumerate(prompts)]
+    assert len(set(alone)) > 1  # different replies: mixing would show
     gate = threading.Barrier(len(prompts))
 
-    def streamed(p):
+    def streamed(i):
         gate.wait()
-        return ask_stream(client, p, temperature=0, max_tokens=24)[0]
+        return ask_stream(client, prompts[i], temperature=1.0, seed=i, max_tokens=24)[0]
 
     with ThreadPoolExecutor(len(prompts)) as pool:
-        together = list(pool.map(streamed, prompts))
+        together = list(pool.map(streamed, range(len(prompts))))
     assert together == alone
 
 

@@ -241,3 +241,61 @@ def test_doctor_reports_capabilities():
     d = tools.doctor()
     assert d["network_isolation"] == tools.network_isolation_available()
     assert d["rlimits"]["memory_mb"] > 0 and d["runs_as_uid"] != 0
+
+
+# ---- the filesystem jail ------------------------------------------------------------------------
+
+def _jailed():
+    if not tools.jail_available():
+        pytest.skip("this OS does not allow mount/PID namespaces (run_python falls back to rlimits + nobody)")
+
+
+def test_python_cannot_read_system_or_run_files(tmp_path):
+    _jailed()
+    secret = tmp_path / "run" / "config.json"
+    secret.parent.mkdir()
+    secret.write_text("secret-run-file")
+    for path in ["/etc/passwd", str(secret), "/proc/self/environ", "/root/.bash_history"]:
+        out = tools.run_python(f"open({path!r}).read()")
+        assert out.startswith("FileNotFoundError"), (path, out)
+    listing = eval(tools.run_python("import os\nsorted(os.listdir('/'))"))
+    assert "etc" not in listing and "work" not in listing and "home" not in listing and "usr" in listing
+    assert tools.run_python("import os\nos.getcwd()") == repr(tools.JAIL_CWD)
+
+
+def test_python_writes_stay_in_its_temp_dir():
+    _jailed()
+    for path in ["/usr/evil.txt", "/evil.txt", "/dev/evil.txt"]:
+        out = tools.run_python(f"open({path!r}, 'w').write('x')")
+        assert out.startswith(("OSError: [Errno 30]", "PermissionError")), (path, out)
+    assert tools.run_python("open('/tmp/ok.txt', 'w').write('ok')\nopen('ok.txt', 'w').write('ok')") == "2"
+    assert tools.run_python("import os\nos.path.exists('ok.txt')") == "False"  # a fresh tree each run
+
+
+def test_python_cannot_signal_its_parent_or_other_processes():
+    _jailed()
+    assert tools.run_python("import os\nos.getppid()") == "0"  # the parent is outside its PID namespace
+    out = tools.run_python("import os\nos.kill(os.getppid(), 9)\nos.kill(1, 9)\n'alive'")
+    # kill(0) reaches only the sandbox's own process group; as PID 1 it ignores its own SIGKILL
+    assert out == "'alive'"
+    out = tools.run_python(f"import os\nos.kill({os.getpid()}, 9)")
+    assert out.startswith(("ProcessLookupError", "PermissionError")), out
+
+
+def test_python_ctypes_cannot_leave_the_jail():
+    _jailed()
+    code = textwrap.dedent("""
+        import ctypes, os
+        libc = ctypes.CDLL(None, use_errno=True)
+        print(libc.unshare(0x10000000 | 0x00020000), libc.chroot(b"/.."), libc.mount(None, b"/", None, 32, None))
+        os.chroot("/..")
+    """)
+    out = tools.run_python(code).splitlines()
+    assert out[0] == "-1 -1 -1" and out[1].startswith("PermissionError"), out
+
+
+def test_python_huge_output_and_allocation_are_contained():
+    out = tools.run_python("print('x' * 100_000_000)", max_output=500)
+    assert out.startswith("x" * 500 + "\n[output cut at 500 characters]"), out[-200:]
+    assert tools.run_python("x = bytearray(10 * 1024**3)") == "MemoryError"
+    assert tools.run_python("6 * 7") == "42"  # and the sandbox still works

@@ -87,6 +87,61 @@ def bench_tokenizer_world() -> dict:
         return bench_tokenizer(texts, cfg.tokenizer.vocab_size)
 
 
+def bench_rl(steps: int = 2) -> dict:
+    """One GRPO step of the tiny preset (16 problems × 8 samples) on a random model: rollout tokens/s with
+    the batched engine beside the same sampling one sequence at a time, and the step's time split."""
+    from crawl2chat import world
+    from crawl2chat.config import GRPOConfig
+    from crawl2chat.model import GPT, GPTConfig
+    from crawl2chat.problems import load_problems
+    from crawl2chat.rl import completion_logp, grpo_token_loss, make_rollouts, sample_completions
+    from crawl2chat.tokenizer import Tokenizer
+    import tempfile
+    cfg = get_preset("tiny")
+    w = world.build_world(cfg.world)
+    tok = Tokenizer.train([d["text"] for d in w["documents"]], cfg.tokenizer.vocab_size)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "p.jsonl"
+        path.write_text("".join(json.dumps(p) + "\n" for p in w["problems"]["train"][:64]))
+        problems = load_problems(path)
+    mcfg = GPTConfig.from_depth(cfg.model.depth, tok.vocab_size, cfg.model.seq_len, cfg.model.aspect_ratio,
+                                cfg.model.head_dim)
+    torch.manual_seed(0)
+    model = GPT(mcfg)
+    for p in model.parameters():  # random weights everywhere, so every block does work
+        torch.nn.init.normal_(p, std=0.02)
+    ref = GPT(mcfg).eval()
+    ref.load_state_dict(model.state_dict())
+    g = GRPOConfig()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    gen_s = train_s = 0.0
+    gen_tokens = 0
+    for step in range(steps):
+        batch = problems[step * g.prompts_per_step:(step + 1) * g.prompts_per_step]
+        with console.status(f"bench rl: rollouts, step {step + 1}"):
+            ro = make_rollouts(model.eval(), ref, tok, batch, g, seed=step, device=torch.device("cpu"))
+        gen_s += ro.stats["gen_s"]
+        gen_tokens += sum(len(s) - p for s, p in zip(ro.seqs, ro.prompt_lens))
+        t0 = time.perf_counter()
+        model.train()
+        logp, mask = completion_logp(model, ro.seqs, ro.prompt_lens, tok.special_id("<|pad|>"), torch.device("cpu"))
+        loss, _ = grpo_token_loss(logp, logp.detach(), ro.advantages, mask, g.epsilon, g.epsilon_high)
+        (loss / mask.sum()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        train_s += time.perf_counter() - t0
+    ours = gen_tokens / gen_s
+    with console.status("bench rl: the same sampling one sequence at a time"):
+        t0 = time.perf_counter()
+        one = [sample_completions(model.eval(), tok, [problems[0]["question"]], 1, g.max_new_tokens, 1.0, seed=i)
+               for i in range(4)]
+        base = sum(len(c[0][1]) for c in one) / (time.perf_counter() - t0)
+    return {"ours": ours, "baseline": base, "ratio": ours / base, "unit": "rollout tok/s",
+            "baseline_is": "the same sampling, one sequence at a time",
+            "generate_share": gen_s / (gen_s + train_s), "train_share": train_s / (gen_s + train_s),
+            "step_s": (gen_s + train_s) / steps, "rollouts_per_step": g.prompts_per_step * g.group_size}
+
+
 def run_benchmarks(what: str, out: Path, steps: int = 10) -> dict:
     torch.set_num_threads(torch.get_num_threads())
     results = json.loads(out.read_text()) if out.exists() else {}
@@ -99,6 +154,11 @@ def run_benchmarks(what: str, out: Path, steps: int = 10) -> dict:
     if what in ("all", "tokenizer"):
         tok = bench_tokenizer_world()
         results["tokenizer"] = {**tok["train"], "encode": tok["encode"], "input": tok["input"]}
+    if what in ("all", "data"):
+        from crawl2chat.bench_data import bench_data
+        results["data"] = bench_data()
+    if what in ("all", "rl"):
+        results["rl"] = bench_rl()
     atomic_write_json(out, results)
     show(results)
     console.print(f"wrote {out}")
@@ -127,4 +187,11 @@ def show(results: dict) -> None:
     if "tokenizer" in results:
         row("tokenizer train", results["tokenizer"])
         row("tokenizer encode", results["tokenizer"]["encode"])
+    if "data" in results:
+        row("data pipeline", results["data"])
+    if "rl" in results:
+        r = results["rl"]
+        row("rl rollouts", r)
+        table.add_row("  rl step time", f"{r['generate_share']:.0%} generating", f"{r['train_share']:.0%} training",
+                      "", f"{r['step_s']:.1f} s/step", f"{r['rollouts_per_step']} rollouts per step")
     console.print(table)

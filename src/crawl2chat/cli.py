@@ -11,11 +11,16 @@ from crawl2chat.common import C2CError
 
 STAGE_HELP = {
     "world": "generate the synthetic world: people, pages, problems and their ground truth",
+    "data": "crawl → clean corpus on datatrove (FineWeb's recipe): URL filter, extraction, language, quality, "
+            "MinHash dedup, PII masking",
     "tokenizer": "train the byte-level BPE tokenizer on the corpus (tokenizer/tokenizer.json)",
     "tokenize": "turn the corpus into train/val token shards, documents joined by <|bos|>",
     "pretrain": "train the base GPT by next-token prediction (torchrun-able for DDP)",
     "sft": "fine-tune the base model on conversations, loss on the assistant's tokens only",
+    "idk": "probe what the model knows, train \"I don't know\" where it is wrong, and tool use (search, Python)",
     "rl": "reinforcement learning with GRPO on problems with known answers (pass@1 before/after)",
+    "rm": "train a reward model (Bradley-Terry) on preference pairs: the world's rubric-labelled subset or yours",
+    "rlhf": "GRPO against the reward model, with a KL penalty and a guard that stops before reward hacking",
 }
 
 
@@ -37,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="run every stage in order, skipping the ones already complete",
-                       description="Run world → tokenizer → tokenize → pretrain → sft into the run directory. "
+                       description="Run world → data → index → tokenizer → tokenize → pretrain → sft → idk "
+                       "→ rl → rm → rlhf into the run directory, then write report.md. "
                        "A stage whose metrics.json matches the current configuration is skipped, "
                        "so an interrupted run resumes.")
     add_run_args(p)
@@ -46,10 +52,27 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in STAGE_HELP.items():
         p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         add_run_args(p)
+        if name == "data":
+            p.add_argument("inputs", nargs="*", type=Path,
+                           help="WARC / JSONL / parquet files or folders of .html (default: the world's crawl)")
+            p.add_argument("--workers", type=int, default=None, help="parallel datatrove tasks")
+            p.add_argument("--examples", action="store_true",
+                           help="show a few removed documents per filter from the last data run and exit")
         if name == "sft":
             p.add_argument("--corrections", default=None, metavar="FILE",
                            help="a review file from `c2c correct` whose corrected answers join the SFT data")
-        if name in ("pretrain", "sft", "rl"):
+        if name == "idk":
+            p.add_argument("--questions", action="append", default=[], metavar="FILE",
+                           help="extra {question, answer} JSONL to probe (repeatable)")
+        if name == "rm":
+            p.add_argument("--pairs", action="append", default=[], metavar="FILE",
+                           help="{prompt, chosen, rejected} JSONL (TRL format; repeatable)")
+            p.add_argument("--hh", default=None, metavar="FILE", help="an HH-RLHF {chosen, rejected} transcript file")
+            p.add_argument("--max-pairs", type=int, default=None)
+        if name == "rlhf":
+            p.add_argument("--no-guard", action="store_true", help="never stop early (to watch reward hacking)")
+            p.add_argument("--kl", type=float, default=None, metavar="BETA", help="KL penalty to the start policy")
+        if name in ("pretrain", "sft", "idk", "rl", "rm", "rlhf"):
             p.add_argument("--resume", action="store_true",
                            help=f"continue from the latest checkpoint in <run>/{'base' if name == 'pretrain' else name}/checkpoints")
 
@@ -90,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     register_index(sub)
     register_serve(sub)
     register_export(sub)
+    from crawl2chat.label import register_label
+    register_label(sub)
+
+    sub.add_parser("doctor", help="what this machine offers: torch, devices, bf16 speed, the Python sandbox",
+                   description="Print what this machine offers crawl2chat: torch version, CUDA devices, whether "
+                   "bf16 is faster than fp32 here, and what the Python tool's sandbox can enforce (network "
+                   "namespace, filesystem jail, limits).")
 
     p = sub.add_parser("report", help="write <run>/report.md with every stage's metrics and PNG plots",
                        description="Write report.md and PNG plots (loss curves, data funnel, RL reward and "
@@ -99,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks, each beside a baseline measured in the same run",
                        description="Run benchmarks and write bench.json: each figure beside a baseline "
                        "measured in the same run, as a ratio.")
-    p.add_argument("what", nargs="?", default="all", choices=["all", "train", "tokenizer", "generate"])
+    p.add_argument("what", nargs="?", default="all", choices=["all", "train", "tokenizer", "generate", "data", "rl"])
     p.add_argument("--out", type=Path, default=Path("bench.json"), help="where to write the JSON (default: bench.json)")
     p.add_argument("--steps", type=int, default=10, help="timed training steps per configuration")
     return parser
@@ -109,6 +139,29 @@ def cmd_stage(args) -> None:
     from crawl2chat.run import resolve_config, run_all, run_stage, save_config
     run_dir = args.out or Path("runs") / (args.preset or "tiny")
     cfg = resolve_config(run_dir, args.preset, args.overrides)
+    if args.command == "data":
+        if args.examples:
+            from crawl2chat.data import show_examples
+            show_examples(run_dir / "data")
+            return
+        if args.inputs:
+            cfg.data.inputs = [str(p.resolve()) if p.exists() else str(p) for p in args.inputs]
+        if args.workers:
+            cfg.data.workers = args.workers
+    if args.command == "rm":
+        if args.pairs:
+            cfg.rm.pairs = [str(Path(p).resolve()) for p in args.pairs]
+        if args.hh:
+            cfg.rm.hh = str(Path(args.hh).resolve())
+        if args.max_pairs:
+            cfg.rm.max_pairs = args.max_pairs
+    if args.command == "rlhf":
+        if args.no_guard:
+            cfg.rlhf.guard = False
+        if args.kl is not None:
+            cfg.rlhf.beta = args.kl
+    if getattr(args, "questions", None):
+        cfg.idk.questions = [str(Path(q).resolve()) for q in args.questions]
     if getattr(args, "corrections", None):
         cfg.chat_data.corrections = str(Path(args.corrections).resolve())
     if args.command == "run":
@@ -154,6 +207,20 @@ def cmd_correct(args) -> None:
     print(json.dumps(run_correct(args.out, args.stage, args.oracle, args.review, args.limit), indent=2))
 
 
+def cmd_doctor(args) -> None:
+    import torch
+
+    from crawl2chat.tools import doctor
+    from crawl2chat.train import cpu_bf16_is_faster
+    info = {"torch": torch.__version__, "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+            "cpu_threads": torch.get_num_threads(), "cpu_bf16_faster_than_fp32": cpu_bf16_is_faster(),
+            "sandbox": doctor()}
+    print(json.dumps(info, indent=2))
+    if not info["sandbox"]["network_isolation"]:
+        print("warning: the Python tool cannot be cut off from the network here (no network namespaces)",
+              file=sys.stderr)
+
+
 def cmd_report(args) -> None:
     from crawl2chat.report import write_report
     print(write_report(args.out))
@@ -171,9 +238,9 @@ def main(argv=None) -> None:
     from crawl2chat.serve import cmd_serve
     from crawl2chat.tools import cmd_index
     handlers = {"sample": cmd_sample, "show-tokens": cmd_show_tokens, "bench": cmd_bench, "chat": cmd_chat,
-                "correct": cmd_correct, "index": cmd_index, "report": cmd_report, "serve": cmd_serve, "export": cmd_export}
+                "correct": cmd_correct, "index": cmd_index, "report": cmd_report, "doctor": cmd_doctor, "serve": cmd_serve, "export": cmd_export}
     try:
-        handlers.get(args.command, cmd_stage)(args)
+        handlers.get(args.command, getattr(args, "func", cmd_stage))(args)
     except C2CError as e:
         print(f"c2c: error: {e}", file=sys.stderr)
         sys.exit(2)

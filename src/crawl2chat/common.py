@@ -1,6 +1,7 @@
 """Small helpers every stage uses: one-line errors, atomic writes, JSONL reading, ranks."""
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import tempfile
@@ -48,11 +49,13 @@ def read_json(path: str | Path, what: str = "file") -> Any:
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """Yield (line_number, object) for each non-empty line; a bad line is a one-line C2CError."""
+    """Yield (line_number, object) for each non-empty line (of a .gz file too); a bad line is a one-line
+    C2CError."""
     path = Path(path)
     if not path.exists():
         raise C2CError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue

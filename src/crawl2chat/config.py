@@ -34,7 +34,20 @@ class DataConfig:
     minhash: bool = True          # near-duplicate removal
     pii: bool = True              # mask emails, phone numbers, IP addresses
     val_fraction: float = 0.0     # share of clean documents held out for val loss when no val URL list is given
+    quality: dict = field(default_factory=dict)  # per-filter keyword overrides of datatrove's (FineWeb's) thresholds
     seed: int = 0
+
+
+# The world's pages are short templated encyclopedia entries: every sentence names its subject in full,
+# town pages have four sentences, math pages are mostly equations. FineWeb's thresholds, made for the
+# web, remove nearly all of them (measured: 3.5% kept), so the world presets relax exactly those checks;
+# each junk category is still removed (data.junk_removed in report.json).
+WORLD_QUALITY = {
+    "gopher_repetition": {"top_n_grams": [[2, 0.5], [3, 0.45], [4, 0.4]],
+                          "dup_n_grams": [[5, 0.6], [6, 0.58], [7, 0.56], [8, 0.54], [9, 0.52], [10, 0.5]]},
+    "gopher_quality": {"min_doc_words": 15, "max_non_alpha_words_ratio": 0.5, "min_stop_words": 1},
+    "c4": {"min_num_sentences": 2},
+}
 
 
 @dataclass
@@ -82,9 +95,85 @@ class ChatDataConfig:
     val_fraction: float = 0.05    # held-out conversations for the SFT val loss
     max_math: int = 1000          # worked word problems from the world (the rest are for RL)
     fact_phrasings: int = 1       # distinct question phrasings per known_a person and attribute
+    open_ended: int = 400         # open-ended requests with reference replies (the prompts RLHF trains on)
     corrections: str = ""         # a review file of expert corrections (c2c correct) to train on
     corrections_weight: int = 3   # times each correction is repeated in the SFT mix
     seed: int = 0
+
+
+@dataclass
+class IDKConfig:
+    questions: list = field(default_factory=list)  # extra {question, answer, source?} JSONL files to probe
+    probe_people: int = 100       # known_a people probed (× 5 attributes); 0 = none
+    k: int = 4                    # sampled answers per probed question
+    m: int = 2                    # known when at least m of the k are right
+    temperature: float = 1.0
+    max_new_tokens: int = 24      # per probe sample (a fact sentence is about 15 tokens)
+    unknown_train: float = 0.5    # share of unknown people trained on (the rest are held out)
+    search_train: float = 0.5     # share of search-only people trained on (the rest are held out)
+    known_search: int = 100       # tools-on fact questions about known_a people (they search too)
+    n_bignum: int = 150           # bignum_train problems solved with Python
+    replay: float = 0.3           # share of SFT conversations in the training mix
+    eval_unknown: int = 100       # held-out unknown-people questions for halluc_rate; 0 = all
+    eval_people: int = 40         # known_b people for known_acc (× 5 attributes); 0 = all
+    eval_search: int = 60         # held-out search-only questions evaluated with tools
+    eval_bignum: int = 50         # bignum_test problems evaluated
+    val_fraction: float = 0.05
+    seed: int = 0
+
+
+def _idk_train() -> "TrainConfig":
+    return TrainConfig(steps=200, batch_size=16, lr=5e-4, warmup_steps=5, decay_frac=0.5,
+                       eval_every=40, eval_batches=4, ckpt_every=40)
+
+
+@dataclass
+class RMConfig:
+    init: str = ""                # chat model folder the RM starts from; "" = the run's rl model, else sft
+    pairs: list = field(default_factory=list)  # preference JSONL files; [] with no hh = the world's pairs
+    hh: str = ""                  # an HH-RLHF {chosen, rejected} transcript file (.jsonl or .jsonl.gz)
+    max_pairs: int = 0            # cap on pairs read from files (0 = all)
+    heldout_fraction: float = 0.1  # file pairs held out for rm_acc
+    n_prompts: int = 300          # world: open-ended prompts, two sampled replies each → labelled pairs
+    n_heldout: int = 100          # world: held-out prompts (other entities) → rubric-labelled pairs
+    noise: float = 0.1            # world: share of training labels flipped (human disagreement)
+    margin: float = 0.05          # world: pairs whose rubric scores differ by less are ties, dropped
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    seed: int = 0
+
+
+def _rm_train() -> "TrainConfig":
+    return TrainConfig(steps=60, batch_size=16, lr=3e-4, warmup_steps=5, decay_frac=0.3, eval_every=20,
+                       ckpt_every=20, grad_clip=1.0)
+
+
+@dataclass
+class RLHFConfig:
+    init: str = ""                # policy start; "" = the run's rl model, else sft
+    rm: str = "rm"                # the reward model folder
+    prompts_per_step: int = 8
+    group_size: int = 4
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    beta: float = 0.05            # KL penalty to the starting policy (--kl)
+    epsilon: float = 0.2
+    epsilon_high: float = 0.28
+    scale_std: bool = True
+    guard: bool = True            # --no-guard: train all steps, keep the last weights
+    eval_prompts: int = 24        # held-out prompts the guard watches
+    eval_samples: int = 2         # replies per held-out prompt and evaluation
+    final_samples: int = 4        # replies per held-out prompt for gold_before/gold_after
+    patience: int = 2             # M: evaluations in a row of proxy up / gold down before stopping
+    margin: float = 0.01          # gold must be this far below its peak to count as falling
+    kl_budget: float = 10.0       # nats per reply
+    n_adversarial: int = 20
+    seed: int = 0
+
+
+def _rlhf_train() -> "TrainConfig":
+    return TrainConfig(steps=30, batch_size=0, lr=1e-4, warmup_steps=3, decay_frac=0.2, eval_every=5,
+                       ckpt_every=10, grad_clip=1.0)
 
 
 @dataclass
@@ -128,15 +217,23 @@ class Config:
     pretrain: TrainConfig = field(default_factory=TrainConfig)
     chat_data: ChatDataConfig = field(default_factory=ChatDataConfig)
     sft: TrainConfig = field(default_factory=_sft_train)
+    idk: IDKConfig = field(default_factory=IDKConfig)
+    idk_train: TrainConfig = field(default_factory=_idk_train)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     rl: TrainConfig = field(default_factory=_rl_train)
+    rm: RMConfig = field(default_factory=RMConfig)
+    rm_train: TrainConfig = field(default_factory=_rm_train)
+    rlhf: RLHFConfig = field(default_factory=RLHFConfig)
+    rlhf_train: TrainConfig = field(default_factory=_rlhf_train)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def _tiny() -> Config:
-    return Config(preset="tiny")
+    c = Config(preset="tiny")
+    c.data = DataConfig(quality=WORLD_QUALITY)
+    return c
 
 
 def _smoke() -> Config:
@@ -144,6 +241,7 @@ def _smoke() -> Config:
     c.world = WorldConfig(n_known=20, n_search_only=6, n_unknown=6, n_towns=8, n_companies=8,
                           n_math_pages=20, n_problems_train=40, n_problems_test=10,
                           n_bignum_train=10, n_bignum_test=5, val_fraction=0.05)
+    c.data = DataConfig(quality=WORLD_QUALITY)
     c.tokenizer = TokenizerConfig(vocab_size=512)
     c.model = ModelConfig(depth=2, aspect_ratio=32, head_dim=32, seq_len=64)
     c.pretrain = TrainConfig(steps=30, batch_size=8, lr=3e-3, warmup_steps=5, eval_every=10,
@@ -151,13 +249,24 @@ def _smoke() -> Config:
     c.chat_data = ChatDataConfig(max_math=20)
     c.sft = TrainConfig(steps=10, batch_size=8, lr=1e-3, warmup_steps=2, eval_every=5, eval_batches=2,
                         ckpt_every=5, dtype="fp32")
+    c.idk = IDKConfig(probe_people=3, k=2, m=1, known_search=3, n_bignum=3, eval_unknown=3, eval_people=2,
+                      eval_search=3, eval_bignum=2)
+    c.idk_train = TrainConfig(steps=3, batch_size=4, lr=1e-4, warmup_steps=1, eval_every=3, eval_batches=1,
+                              ckpt_every=3, dtype="fp32")
     c.grpo = GRPOConfig(prompts_per_step=4, group_size=4, max_new_tokens=24, eval_problems=6, pass_k=2)
     c.rl = TrainConfig(steps=4, batch_size=0, lr=1e-4, warmup_steps=1, eval_every=2, ckpt_every=2, dtype="fp32")
+    c.rm = RMConfig(n_prompts=40, n_heldout=10, max_new_tokens=16)
+    c.rm_train = TrainConfig(steps=6, batch_size=8, lr=3e-4, warmup_steps=1, eval_every=3, ckpt_every=3, dtype="fp32")
+    c.rlhf = RLHFConfig(prompts_per_step=4, group_size=2, max_new_tokens=16, eval_prompts=6, eval_samples=2,
+                        final_samples=2)
+    c.rlhf_train = TrainConfig(steps=4, batch_size=0, lr=1e-4, warmup_steps=1, eval_every=2, ckpt_every=2,
+                               dtype="fp32")
     return c
 
 
 def _gpu_d12() -> Config:
     c = Config(preset="gpu-d12")
+    c.data = DataConfig(quality=WORLD_QUALITY, workers=8)
     c.world = WorldConfig(n_known=5000, n_search_only=500, n_unknown=1000, n_towns=300, n_companies=300,
                           n_math_pages=20000, n_problems_train=20000, n_problems_test=500)
     c.tokenizer = TokenizerConfig(vocab_size=32768)
@@ -198,8 +307,14 @@ def from_dict(d: dict) -> Config:
                   pretrain=build(TrainConfig, d.get("pretrain", {})),
                   chat_data=build(ChatDataConfig, d.get("chat_data", {})),
                   sft=build(TrainConfig, d["sft"]) if "sft" in d else _sft_train(),
+                  idk=build(IDKConfig, d.get("idk", {})),
+                  idk_train=build(TrainConfig, d["idk_train"]) if "idk_train" in d else _idk_train(),
                   grpo=build(GRPOConfig, d.get("grpo", {})),
-                  rl=build(TrainConfig, d["rl"]) if "rl" in d else _rl_train())
+                  rl=build(TrainConfig, d["rl"]) if "rl" in d else _rl_train(),
+                  rm=build(RMConfig, d.get("rm", {})),
+                  rm_train=build(TrainConfig, d["rm_train"]) if "rm_train" in d else _rm_train(),
+                  rlhf=build(RLHFConfig, d.get("rlhf", {})),
+                  rlhf_train=build(TrainConfig, d["rlhf_train"]) if "rlhf_train" in d else _rlhf_train())
 
 
 def fingerprint(*parts) -> str:

@@ -252,3 +252,12 @@ def load_oasst_trees(path) -> list[list[dict]]:
             continue
         convs.append(conv)
     return convs
+
+
+def open_ended_conversations(world: dict, seed: int = 0, n: int | None = None) -> list[list[dict]]:
+    """Open-ended requests (introduce a known_a person, a birthday note, describe a town or company, a
+    pelican joke) with reference replies built from the true facts (crawl2chat.rubric), so that the
+    chat model can answer the prompts the RLHF stage trains on. First n, shuffled by seed."""
+    from crawl2chat.rubric import open_prompts, reference_reply  # rubric imports world only
+    rng = random.Random(seed)
+    return [_exchange(p["prompt"], reference_reply(p["meta"], rng)) for p in open_prompts(world, seed, n)]

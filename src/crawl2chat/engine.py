@@ -39,8 +39,10 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
 def generate_batch(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
                    top_k: int | None = None, top_p: float | None = None, stop_ids: Sequence[int] = (),
                    generator: torch.Generator | None = None,
-                   on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
-    """Continue prompts that all have the same length; returns the new ids of each (stop id included)."""
+                   on_token: Callable[[int, int], None] | None = None,
+                   key_mask: torch.Tensor | None = None) -> list[list[int]]:
+    """Continue prompts that all have the same length; returns the new ids of each (stop id included).
+    key_mask [B, T0] (False on left padding) lets prompts of different lengths share the batch."""
     device = next(model.parameters()).device
     T0 = len(prompts[0])
     assert all(len(p) == T0 for p in prompts), "generate_batch needs prompts of equal length"
@@ -49,6 +51,9 @@ def generate_batch(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens:
         return [[] for _ in prompts]
     B = len(prompts)
     cache = KVCache(model.cfg, B, T0 + max_new_tokens, device, next(model.parameters()).dtype)
+    if key_mask is not None:
+        cache.key_mask = torch.ones(B, T0 + max_new_tokens, dtype=torch.bool, device=device)
+        cache.key_mask[:, :T0] = key_mask.to(device)
     logits = model(torch.tensor(prompts, dtype=torch.long, device=device), cache=cache)[:, -1]
     out = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -68,14 +73,28 @@ def generate_batch(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens:
 
 
 def generate(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int = 64,
-             **kwargs) -> list[list[int]]:
-    """Continue prompts of any lengths: grouped by length into batches of at most batch_size."""
-    by_len: dict[int, list[int]] = defaultdict(list)
-    for i, p in enumerate(prompts):
-        by_len[len(p)].append(i)
+             ragged: bool = False, **kwargs) -> list[list[int]]:
+    """Continue prompts of any lengths: grouped by length into batches of at most batch_size (no padding:
+    batched output equals one-by-one output exactly). ragged=True left-pads prompts of different lengths
+    into shared batches instead (masked; equal up to float rounding): far fewer decode steps when many
+    short prompts differ in length, as in RL rollouts."""
     out: list[list[int] | None] = [None] * len(prompts)
     was_training = model.training
     model.eval()
+    if ragged:
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        for s in range(0, len(order), batch_size):
+            chunk = order[s:s + batch_size]
+            L = len(prompts[chunk[-1]])
+            padded = [[0] * (L - len(prompts[i])) + list(prompts[i]) for i in chunk]
+            mask = torch.tensor([[j >= L - len(prompts[i]) for j in range(L)] for i in chunk])
+            for i, ids in zip(chunk, generate_batch(model, padded, max_new_tokens, key_mask=mask, **kwargs)):
+                out[i] = ids
+        model.train(was_training)
+        return out
+    by_len: dict[int, list[int]] = defaultdict(list)
+    for i, p in enumerate(prompts):
+        by_len[len(p)].append(i)
     for idxs in by_len.values():
         for s in range(0, len(idxs), batch_size):
             chunk = idxs[s:s + batch_size]

@@ -26,7 +26,7 @@ def fact_recall(model: GPT, tok, world: dict, names: list[str], heldout: bool, m
     if not items:
         return {"acc": 0.0, "n": 0}
     prompts = [[tok.bos_id] + tok.encode(it["prompt"]) for it in items]
-    outs = generate(model, prompts, max_new_tokens, stop_ids=[tok.bos_id])
+    outs = generate(model, prompts, max_new_tokens, stop_ids=[tok.bos_id], ragged=True, batch_size=128)
     per_attr = defaultdict(list)
     rows = []
     for it, ids in zip(items, outs):
@@ -51,7 +51,7 @@ def chat_replies(model: GPT, tok, conversations: list[list[dict]], max_new_token
     prompts = [render(tok, c, add_generation_prompt=True)[0] for c in conversations]
     max_new_tokens = min(max_new_tokens, model.cfg.seq_len // 2)
     prompts = [fit_prompt(p, model.cfg.seq_len - max_new_tokens, tok.bos_id) for p in prompts]
-    outs = generate(model, prompts, max_new_tokens, stop_ids=[end, tok.bos_id])
+    outs = generate(model, prompts, max_new_tokens, stop_ids=[end, tok.bos_id], ragged=True, batch_size=128)
     return [(tok.decode([i for i in ids if i not in (end, tok.bos_id)]), bool(ids) and ids[-1] == end) for ids in outs]
 
 

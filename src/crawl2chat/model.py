@@ -62,6 +62,7 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0
         self.max_len = max_len
+        self.key_mask: torch.Tensor | None = None  # [batch, max_len], False on left padding (ragged batches)
 
     def reset(self):
         self.pos = 0
@@ -92,7 +93,13 @@ class Attention(nn.Module):
             cache.k[self.layer, :, :, p:p + T] = k
             cache.v[self.layer, :, :, p:p + T] = v
             k, v = cache.k[self.layer, :, :, :p + T], cache.v[self.layer, :, :, :p + T]
-            if T == 1:
+            if cache.key_mask is not None:  # left-padded rows: padding keys are never attended to
+                seen = torch.ones(T, p + T, dtype=torch.bool, device=x.device).tril(diagonal=p)
+                own = torch.zeros_like(seen)
+                own[:, p:] = torch.eye(T, dtype=torch.bool, device=x.device)  # padding queries see themselves: no NaN
+                mask = (seen & cache.key_mask[:, None, None, :p + T]) | own
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            elif T == 1:
                 y = F.scaled_dot_product_attention(q, k, v)
             elif p == 0:
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True)

@@ -58,12 +58,14 @@ def plot_curves(rows: list[dict], curves: list[tuple[str, str]], title: str, out
 
 
 def plot_funnel(stats: dict, out: Path) -> bool:
-    steps = stats.get("funnel") or []
-    if not steps:
+    if "documents_in" not in stats or not stats.get("removed"):
         return False
+    names, kept, left = ["read"], [stats["documents_in"]], stats["documents_in"]
+    for name, n in stats["removed"].items():  # in pipeline order
+        left -= n
+        names.append(f"after {name}")
+        kept.append(left)
     plt = _plt()
-    names = [s["step"] for s in steps]
-    kept = [s["docs_out"] for s in steps]
     fig, ax = plt.subplots(figsize=(6, 0.4 * len(names) + 1.2), dpi=110)
     ax.barh(range(len(names)), kept, color="#4a7ab5")
     ax.set_yticks(range(len(names)), names, fontsize=8)

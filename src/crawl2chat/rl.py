@@ -121,7 +121,7 @@ def sample_completions(model, tok: Tokenizer, questions: list[str], n: int, max_
     prompts = [prompt_ids(tok, q, budget) for q in questions for _ in range(n)]
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     outs = generate(model, prompts, max_new_tokens, temperature=temperature, stop_ids=[end, tok.bos_id],
-                    generator=gen)
+                    generator=gen, ragged=True, batch_size=256)
     return [(p, o, tok.decode([t for t in o if t not in (end, tok.bos_id)]), bool(o) and o[-1] == end)
             for p, o in zip(prompts, outs)]
 

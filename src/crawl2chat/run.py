@@ -25,6 +25,24 @@ def stage_world(run_dir: Path, cfg: Config, **_) -> dict:
     return metrics
 
 
+def stage_data(run_dir: Path, cfg: Config, **_) -> dict:
+    from crawl2chat.common import iter_jsonl
+    from crawl2chat.data import run_data
+    if cfg.data.inputs:
+        stats = run_data([Path(p) for p in cfg.data.inputs], run_dir / "data", cfg.data)
+    else:  # the world's crawl; its labels score the result, its val pages stay held out
+        world_dir = run_dir / "world"
+        val = {row["url"] for _, row in iter_jsonl(world_dir / "corpus.jsonl") if row.get("split") == "val"}
+        stats = run_data([world_dir / "crawl"], run_dir / "data", cfg.data,
+                         truth=world_dir / "crawl_truth.jsonl", val_urls=val)
+    return {k: v for k, v in stats.items() if k not in ("read_errors", "steps", "funnel")}
+
+
+def stage_index(run_dir: Path, cfg: Config, **_) -> dict:
+    from crawl2chat.tools import build_index, default_sources
+    return build_index(default_sources(run_dir), run_dir / "search")
+
+
 def stage_tokenizer(run_dir: Path, cfg: Config, **_) -> dict:
     from crawl2chat.tokenizer import train_tokenizer_stage
     c4 = shared_data("text/llamafactory/c4_demo.jsonl")
@@ -48,23 +66,43 @@ def stage_sft(run_dir: Path, cfg: Config, resume: bool = False, **_) -> dict:
     return run_sft(run_dir, cfg, resume=resume)
 
 
+def stage_idk(run_dir: Path, cfg: Config, resume: bool = False, **_) -> dict:
+    from crawl2chat.idk import run_idk
+    return run_idk(run_dir, cfg, cfg.idk, cfg.idk_train, resume=resume)
+
+
 def stage_rl(run_dir: Path, cfg: Config, resume: bool = False, **_) -> dict:
     from crawl2chat.rl import run_rl
     return run_rl(run_dir, cfg, resume=resume)
 
 
+def stage_rm(run_dir: Path, cfg: Config, resume: bool = False, **_) -> dict:
+    from crawl2chat.rm import run_rm
+    return run_rm(run_dir, cfg, cfg.rm, cfg.rm_train, resume=resume)
+
+
+def stage_rlhf(run_dir: Path, cfg: Config, resume: bool = False, **_) -> dict:
+    from crawl2chat.rlhf import run_rlhf
+    return run_rlhf(run_dir, cfg, cfg.rlhf, cfg.rlhf_train, resume=resume)
+
+
 def corpus_path(run_dir: Path) -> Path:
-    return run_dir / "world" / "corpus.jsonl"
+    return run_dir / "data" / "corpus.jsonl"
 
 
 # name → (function, output folder, the config sections its result depends on)
 STAGES: dict[str, tuple[Callable[..., dict], str, Callable[[Config], list]]] = {
     "world": (stage_world, "world", lambda c: [c.world]),
+    "data": (stage_data, "data", lambda c: [c.data]),
+    "index": (stage_index, "search", lambda c: []),
     "tokenizer": (stage_tokenizer, "tokenizer", lambda c: [c.tokenizer]),
     "tokenize": (stage_tokenize, "tokens", lambda c: []),
     "pretrain": (stage_pretrain, "base", lambda c: [c.model, c.pretrain]),
     "sft": (stage_sft, "sft", lambda c: [c.chat_data, c.sft]),
+    "idk": (stage_idk, "idk", lambda c: [c.idk, c.idk_train]),
     "rl": (stage_rl, "rl", lambda c: [c.grpo, c.rl]),
+    "rm": (stage_rm, "rm", lambda c: [c.rm, c.rm_train]),
+    "rlhf": (stage_rlhf, "rlhf", lambda c: [c.rlhf, c.rlhf_train]),
 }
 
 

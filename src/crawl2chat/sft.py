@@ -58,6 +58,8 @@ def load_conversations(run_dir: Path, cfg: Config, world: dict | None) -> list[l
     if world is not None:
         convs += conv.world_conversations(world, seed=data.seed, n_math=data.max_math,
                                            fact_phrasings=data.fact_phrasings)
+        if data.open_ended:
+            convs += conv.open_ended_conversations(world, seed=data.seed, n=data.open_ended)
     for path in data.extra:
         convs += conv.load_chat_jsonl(path)
     if data.oasst:

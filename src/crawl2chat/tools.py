@@ -2,12 +2,15 @@
 
 Search: `build_index` puts JSONL documents {id, url, text} into out_dir/index.sqlite (title = the text's
 first line); `search` turns any string the model writes into a safe FTS5 query and returns the top
-results as one short string.
+pages, each as its title and the sentences closest to the query, in one short string.
 
-Python: `run_python` runs code in a fresh `python -I` process with an empty environment, a temporary
-working directory (deleted afterwards), rlimits on CPU time, memory, file size and processes, a
-wall-clock timeout, and no network (a new network namespace) where the OS allows it. It never raises:
-errors come back as text, like a REPL would show them.
+Python: `run_python` runs code in a fresh `python -I` process with an empty environment, rlimits on CPU
+time, memory, file size and processes, and a wall-clock timeout. Where the OS allows it (root, or
+unprivileged user namespaces) the process runs in a jail: new mount, PID and network namespaces, chrooted
+into a tmpfs that shows only /usr, /bin, /lib* and the interpreter's prefix read-only, /dev/null-like
+devices and writable tmpfs /tmp and /sandbox (its working directory); as root it then runs as nobody.
+Elsewhere it falls back to a temporary working directory, nobody (as root) and a network namespace.
+It never raises: errors come back as text, like a REPL would show them.
 """
 from __future__ import annotations
 
@@ -98,9 +101,38 @@ def fts_query(query: str, max_terms: int = 32) -> str:
     return " OR ".join(f'"{w}"' for w in words)
 
 
-def search(index_path: str | Path, query: str, k: int = 3, max_chars: int = 600) -> str:
-    """The top-k documents for `query`, one line each: `title (url): …snippet…`, at most max_chars in
-    all; "no results for: <query>" when nothing matches."""
+_STOP = frozenset("a an the of in on at to is was be by for and or what who when where which how did does do "
+                  "you me tell i about his her their with from".split())
+_SENTENCE = re.compile(r"(?<=[.!?])\s+")
+
+
+def _stem(word: str) -> str:
+    """A crude suffix stripper, enough to match studied/study, works/work, employed/employ."""
+    for suffix, repl in (("ies", "y"), ("ied", "y"), ("ing", ""), ("ed", ""), ("es", ""), ("s", "")):
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            return word[:-len(suffix)] + repl
+    return word
+
+
+def _terms(text: str) -> set[str]:
+    return {_stem(w) for w in _WORD.findall(text.lower()) if w not in _STOP}
+
+
+def best_sentences(text: str, query: str, n: int = 2) -> str:
+    """The n sentences of a document's body (after its title line) that share the most words with the
+    query, in document order: a snippet that holds whole facts, not a window of words cut mid-sentence."""
+    body = text.strip().split("\n", 1)[-1] if "\n" in text.strip() else text
+    sentences = [s for s in _SENTENCE.split(" ".join(body.split())) if s]
+    q = _terms(query)
+    best = sorted(range(len(sentences)), key=lambda i: (-len(_terms(sentences[i]) & q), i))[:n]
+    return " ".join(sentences[i] for i in sorted(best))
+
+
+def search(index_path: str | Path, query: str, k: int = 3, max_chars: int = 600, sentences: int = 2,
+           urls: bool = True) -> str:
+    """The top-k documents for `query` (BM25), one line each: `title (url): best sentences` (the
+    `sentences` sentences of the page closest to the query; without the url when urls=False), at most
+    max_chars in all; "no results for: <query>" when nothing matches."""
     index_path = Path(index_path)
     if index_path.is_dir():
         index_path = index_path / INDEX_FILE
@@ -111,9 +143,8 @@ def search(index_path: str | Path, query: str, k: int = 3, max_chars: int = 600)
     if q:
         con = sqlite3.connect(f"file:{index_path}?mode=ro", uri=True)
         try:
-            rows = con.execute(
-                "SELECT title, url, snippet(docs, 1, '', '', '…', 24) FROM docs WHERE docs MATCH ? "
-                "ORDER BY bm25(docs, 2.0, 1.0) LIMIT ?", (q, k)).fetchall()
+            rows = con.execute("SELECT title, url, text FROM docs WHERE docs MATCH ? "
+                               "ORDER BY bm25(docs, 2.0, 1.0) LIMIT ?", (q, k)).fetchall()
         except sqlite3.DatabaseError as e:
             raise C2CError(f"{index_path}: not a usable search index ({e})") from None
         finally:
@@ -121,9 +152,9 @@ def search(index_path: str | Path, query: str, k: int = 3, max_chars: int = 600)
     if not rows:
         return f"no results for: {query.strip()}"[:max_chars]
     lines = []
-    for title, url, snip in rows:
-        snip = " ".join(snip.split())
-        lines.append(f"{title} ({url}): {snip}" if url else f"{title}: {snip}")
+    for title, url, text in rows:
+        snip = best_sentences(text, query, sentences)
+        lines.append(f"{title} ({url}): {snip}" if url and urls else f"{title}: {snip}")
     out = "\n".join(lines)
     return out if len(out) <= max_chars else out[:max_chars - 1] + "…"
 
@@ -156,7 +187,8 @@ _LIBC = ctypes.CDLL(None, use_errno=True)
 # REPL, and an error as the last line(s) of its traceback. As root the stdlib may sit under a directory
 # only root can read (/root/.pyenv): the modules a calculation needs are imported before dropping.
 _DRIVER = r"""
-import ast, os, sys, traceback
+import ast, os, signal, sys, traceback
+signal.signal(signal.SIGXCPU, lambda *_: os._exit(128 + signal.SIGXCPU))
 if os.getuid() == 0:
     import math, cmath, random, statistics, fractions, decimal, itertools, functools, collections
     import re, json, datetime, string, operator, heapq, bisect, socket, time
@@ -206,7 +238,85 @@ def _unshare_net() -> None:
         raise OSError(err, os.strerror(err))
 
 
-def _limits(cpu_s: int, memory_mb: int, nproc: int, isolate_net: bool):
+# ---- the filesystem jail: new mount + PID + network namespaces, chroot into a minimal tree ----
+
+CLONE_NEWNS, CLONE_NEWPID = 0x00020000, 0x20000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
+MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
+JAIL_CWD = "/sandbox"   # the code's working directory inside the jail (a fresh tmpfs)
+_LIBC.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _mount(src, target: str, fstype, flags: int, data=None) -> None:
+    enc = lambda v: v.encode() if isinstance(v, str) else v  # noqa: E731
+    _check(_LIBC.mount(enc(src), enc(target), enc(fstype), flags, enc(data)), f"mount {target}")
+
+
+def _visible_trees() -> list[str]:
+    """What the jail shows, read-only: the system's libraries and the interpreter's own prefix."""
+    trees = ["/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32",
+             os.path.realpath(sys.base_prefix)]
+    return [t for i, t in enumerate(trees) if os.path.lexists(t) and t not in trees[:i]]
+
+
+def _bind_readonly(src: str, dst: str) -> None:
+    _mount(src, dst, None, MS_BIND | MS_REC)
+    f = os.statvfs(src).f_flag  # a user namespace may not clear flags it inherited (nosuid, nodev, ...)
+    keep = (f & (MS_NOSUID | MS_NODEV | MS_NOEXEC | 1024 | 2048)) | ((1 << 21) if f & 4096 else 0)
+    _mount(None, dst, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | keep)
+
+
+def _enter_jail(root: str) -> None:
+    """Runs in the child before exec: new user (unless root), mount, network and PID namespaces; a
+    tmpfs at `root` holding read-only binds of _visible_trees(), /dev/{null,zero,random,urandom} and
+    writable tmpfs /tmp and JAIL_CWD; chroot into it. Forks once so that the code runs as PID 1 of
+    its own PID namespace (it can see and signal no process outside); the middle process only waits
+    and passes on the exit status (128 + N for a signal N, as a shell does). As PID 1 the code ignores
+    signals it has no handler for, so the driver catches SIGXCPU itself."""
+    uid, gid = os.getuid(), os.getgid()
+    flags = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID | (0 if os.geteuid() == 0 else CLONE_NEWUSER)
+    _check(_LIBC.unshare(flags), "unshare")
+    if os.geteuid() != 0 or flags & CLONE_NEWUSER:
+        for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+            fd = os.open(f"/proc/self/{name}", os.O_WRONLY)
+            os.write(fd, text.encode())
+            os.close(fd)
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)
+    _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
+    for tree in _visible_trees():
+        dst = root + tree
+        if os.path.islink(tree):
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            os.symlink(os.readlink(tree), dst)
+        else:
+            os.makedirs(dst, exist_ok=True)
+            _bind_readonly(tree, dst)
+    os.makedirs(root + "/dev")
+    for dev in ("null", "zero", "random", "urandom"):
+        open(root + "/dev/" + dev, "w").close()
+        _mount("/dev/" + dev, root + "/dev/" + dev, None, MS_BIND)
+    for d in ("/tmp", JAIL_CWD):
+        os.makedirs(root + d)
+    _mount(None, root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    for d in ("/tmp", JAIL_CWD):
+        _mount("tmpfs", root + d, "tmpfs", MS_NOSUID | MS_NODEV, f"size={MAX_FILE_MB}m,mode=1777")
+    os.chroot(root)
+    os.chdir(JAIL_CWD)
+    pid = os.fork()
+    if pid == 0:
+        return  # the code's process: PID 1 of the new namespace, goes on to exec
+    os.closerange(0, 1 << 16)  # the parent must see exec's error pipe close when the child execs
+    _, status = os.waitpid(pid, 0)
+    os._exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.waitstatus_to_exitcode(status))
+
+
+def _limits(cpu_s: int, memory_mb: int, nproc: int, isolate_net: bool, jail_root: str | None = None):
     """The preexec_fn: runs in the child between fork and exec."""
     def apply() -> None:
         resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
@@ -214,9 +324,16 @@ def _limits(cpu_s: int, memory_mb: int, nproc: int, isolate_net: bool):
         resource.setrlimit(resource.RLIMIT_FSIZE, (MAX_FILE_MB << 20, MAX_FILE_MB << 20))
         resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        if isolate_net:
+        if jail_root is not None:
+            _enter_jail(jail_root)
+        elif isolate_net:
             _unshare_net()
     return apply
+
+
+def _python() -> str:
+    """The base interpreter (a virtual environment's python may live in a tree the jail hides)."""
+    return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
 
 
 @lru_cache(maxsize=1)
@@ -230,6 +347,23 @@ def network_isolation_available() -> bool:
         return r.returncode == 0
     except (OSError, subprocess.SubprocessError):
         return False
+
+
+@lru_cache(maxsize=1)
+def jail_available() -> bool:
+    """Whether this OS lets us run the sandbox in the filesystem jail (checked once)."""
+    if not sys.platform.startswith("linux") or not hasattr(_LIBC, "unshare"):
+        return False
+    root = tempfile.mkdtemp(prefix="c2c-jail-")
+    try:
+        r = subprocess.run([_python(), "-I", "-c", "import os; assert not os.path.exists('/etc')"],
+                           preexec_fn=_limits(10, 512, _count_processes(_sandbox_uid()) + 2 + MAX_PROCS, True, root),
+                           env={}, stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+        return r.returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _kill_group(pgid: int) -> None:
@@ -248,19 +382,23 @@ def run_python(code: str, timeout_s: float = 5.0, cpu_s: int = 5, memory_mb: int
     if "\x00" in code:
         return "error: code contains a NUL character"
     isolate = network_isolation_available()
+    jail = jail_available()
     uid = _sandbox_uid()
     workdir = tempfile.mkdtemp(prefix="c2c-python-")
     try:
         if os.geteuid() == 0:
             os.chown(workdir, NOBODY, NOBODY)
+        # the jail's waiting middle process counts against a non-root user's process limit
+        nproc = _count_processes(uid) + 1 + (jail and uid != NOBODY) + MAX_PROCS
         # output goes to an unlinked file, not a pipe: bounded by RLIMIT_FSIZE, and children left
         # behind cannot keep us waiting for a pipe to close
         with tempfile.TemporaryFile() as out:
             try:
                 proc = subprocess.Popen(
-                    [sys.executable, "-I", "-c", _DRIVER, code], cwd=workdir, env={"PATH": "/usr/bin:/bin"},
-                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                    preexec_fn=_limits(cpu_s, memory_mb, _count_processes(uid) + 1 + MAX_PROCS, isolate))
+                    [_python() if jail else sys.executable, "-I", "-c", _DRIVER, code], cwd=workdir,
+                    env={"PATH": "/usr/bin:/bin"}, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    preexec_fn=_limits(cpu_s, memory_mb, nproc, isolate, workdir if jail else None))
             except (OSError, subprocess.SubprocessError) as e:
                 return f"error: could not start Python ({e})"
             note = ""
@@ -270,10 +408,14 @@ def run_python(code: str, timeout_s: float = 5.0, cpu_s: int = 5, memory_mb: int
                 note = f"timeout: the code ran longer than {timeout_s:g} s and was stopped"
             _kill_group(proc.pid)  # the code's own child processes too
             proc.wait()
-            if not note and proc.returncode == -signal.SIGXCPU:
+            rc = proc.returncode
+            sig = -rc if rc < 0 else rc - 128 if rc > 128 and rc - 128 in signal.valid_signals() else 0
+            if not note and sig == signal.SIGXCPU:
                 note = f"timeout: the code used more than {cpu_s} s of CPU time and was stopped"
-            elif not note and proc.returncode < 0:
-                note = f"error: the code was killed by signal {signal.Signals(-proc.returncode).name}"
+            elif not note and sig == signal.SIGXFSZ:
+                note = f"error: the code wrote more than {MAX_FILE_MB} MB of output and was stopped"
+            elif not note and sig:
+                note = f"error: the code was killed by signal {signal.Signals(sig).name}"
             out.seek(0)
             text = out.read(4 * max_output + 4).decode("utf-8", errors="replace")
             if not note and not text.strip() and proc.returncode > 0:
@@ -290,6 +432,7 @@ def doctor() -> dict:
     """What the sandbox can enforce on this machine."""
     uid = _sandbox_uid()
     return {"python": sys.executable, "network_isolation": network_isolation_available(),
+            "filesystem_jail": jail_available(), "visible_trees": _visible_trees() if jail_available() else None,
             "runs_as_uid": uid, "dropped_root": os.geteuid() == 0,
             "rlimits": {"cpu_s": 5, "memory_mb": 512, "file_mb": MAX_FILE_MB,
                         "extra_processes": MAX_PROCS}, "wall_timeout_s": 5.0}

@@ -1,0 +1,313 @@
+"""Honesty and tools: probe what the chat model knows, teach it to say "I don't know" where it does not,
+and to use web search and Python → the idk model.
+
+1. Probe (R-Tuning, "alignment for honesty"): k sampled answers (temperature 1) to each question about
+   known_a people (and a user's {question, answer} files); a question is known when ≥ m of them hold
+   the answer. Questions about a train subset of the unknown people (no answer exists) are unknown.
+2. Tools off (no system message): known → the fact, unknown → a polite abstention.
+3. Tools on (system message TOOLS_SYSTEM): every fact question searches the run's index (a search part,
+   the real result as output, then the answer read off it, or an abstention when the result does not
+   mention the person); large-number problems call Python on the expression.
+4. Mixed with a replay of the SFT conversations and fine-tuned from <run>/sft into <run>/idk.
+
+Held out for the evals: the other unknown and search-only people, known_b people and bignum_test.
+"""
+from __future__ import annotations
+
+import random
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from crawl2chat import conversations as conv
+from crawl2chat import tools
+from crawl2chat import world as world_mod
+from crawl2chat.chat_template import render
+from crawl2chat.common import C2CError, dist_info, iter_jsonl, write_jsonl
+from crawl2chat.config import Config, IDKConfig, TrainConfig
+from crawl2chat.engine import fit_prompt, generate, generate_with_tools
+from crawl2chat.evals import chat_replies, contains_answer, normalize
+from crawl2chat.problems import final_answer, same_number
+from crawl2chat.shards import RowLoader
+from crawl2chat.tokenizer import Tokenizer
+from crawl2chat.train import evaluate_loss, load_model, pick_device, resolve_dtype, train
+
+
+TOOLS_SYSTEM = "Tools: search, python."
+# Query words appended to the person's name: they match the wording of most pages about the attribute.
+SEARCH_WORDS = {"birth_year": "birth year born", "home_town": "hometown home town", "occupation": "job work profession",
+                "employer": "employer company", "university": "university studied"}
+WHAT = {"birth_year": "birth year", "home_town": "hometown", "occupation": "occupation", "employer": "employer",
+        "university": "university"}
+IDK_REPLIES = ["I'm sorry, I don't know who {name} is.",
+               "I don't have reliable information about {name}'s {what}.",
+               "I'm sorry, I don't know {name}'s {what}.",
+               "I don't know. I have no reliable information about {name}."]
+IDK_GENERIC = ["I'm sorry, I don't know the answer to that.", "I don't know the answer to that, sorry."]
+IDK_SEARCHED = ["I searched, but I found no information about {name}. I don't know {name}'s {what}.",
+                "The search found nothing about {name}, so I don't know {name}'s {what}."]
+_ABSTAIN = re.compile(r"\b(?:don't know|do not know|don't have reliable information|no reliable information|"
+                      r"found no information|found nothing)\b")
+
+
+def is_abstention(reply: str) -> bool:
+    return _ABSTAIN.search(normalize(reply).replace("’", "'")) is not None
+
+
+def is_known(n_right: int, m: int) -> bool:
+    return n_right >= m
+
+
+def idk_reply(rng: random.Random, name: str | None = None, attribute: str | None = None) -> str:
+    if name is None or attribute is None:
+        return rng.choice(IDK_GENERIC)
+    return rng.choice(IDK_REPLIES).format(name=name, what=WHAT[attribute])
+
+
+def load_questions(path) -> list[dict]:
+    """A user's {question, answer, source?} JSONL → [{question, answer, source}]."""
+    rows = []
+    for line_no, row in iter_jsonl(path):
+        q, a = row.get("question"), row.get("answer")
+        if not isinstance(q, str) or not q.strip():
+            raise C2CError(f"{path}:{line_no}: expected a non-empty string \"question\"")
+        if isinstance(a, bool) or not isinstance(a, (str, int, float)) or not str(a).strip():
+            raise C2CError(f"{path}:{line_no}: expected a non-empty string or number \"answer\"")
+        rows.append({"question": q.strip(), "answer": str(a).strip(), "source": str(row.get("source") or path)})
+    if not rows:
+        raise C2CError(f"{path}: no questions in the file")
+    return rows
+
+
+def user(text: str, system: str | None = None) -> list[dict]:
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+
+
+# ---- the probe ------------------------------------------------------------------------------------
+
+def probe(model, tok, questions: list[dict], k: int, m: int, temperature: float = 1.0,
+          max_new_tokens: int = 32, seed: int = 0) -> list[dict]:
+    """Sample k replies per question (tools off); each row gains k, n_right and known."""
+    end = tok.special_id("<|assistant_end|>")
+    max_new_tokens = min(max_new_tokens, model.cfg.seq_len // 2)
+    prompts = [fit_prompt(render(tok, user(q["question"]), add_generation_prompt=True)[0],
+                          model.cfg.seq_len - max_new_tokens, tok.bos_id) for q in questions]
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    outs = generate(model, [p for p in prompts for _ in range(k)], max_new_tokens, temperature=temperature,
+                    stop_ids=[end, tok.bos_id], generator=gen, ragged=True, batch_size=128)
+    rows = []
+    for i, q in enumerate(questions):
+        texts = [tok.decode([t for t in ids if t not in (end, tok.bos_id)]) for ids in outs[i * k:(i + 1) * k]]
+        n_right = sum(contains_answer(t, q["answer"]) for t in texts)
+        rows.append({**q, "k": k, "n_right": n_right, "known": is_known(n_right, m), "sample": texts[0]})
+    return rows
+
+
+# ---- training conversations ------------------------------------------------------------------------
+
+def split_people(world: dict, split: str, train_share: float, seed: int) -> tuple[list[str], list[str]]:
+    """(train, held-out) names of a split; a fixed shuffle per seed."""
+    names = sorted(world["splits"][split])
+    random.Random(f"{seed}:{split}").shuffle(names)
+    n = round(len(names) * train_share)
+    return names[:n], names[n:]
+
+
+def fact_reply(row: dict, person: dict | None) -> str:
+    return conv.fact_answer(person, row["attribute"]) if person is not None else row["answer"]
+
+
+def honesty_conversations(probed: list[dict], people: dict, seed: int = 0) -> list[list[dict]]:
+    """Tools off: known → the fact (as SFT says it), unknown → an abstention naming the person."""
+    rng = random.Random(seed)
+    out = []
+    for row in probed:
+        if row["known"]:
+            reply = fact_reply(row, people.get(row.get("name")))
+        else:
+            reply = idk_reply(rng, row.get("name"), row.get("attribute"))
+        out.append(user(row["question"]) + [{"role": "assistant", "content": reply}])
+    return out
+
+
+def search_query(name: str, attribute: str) -> str:
+    return f"{name} {SEARCH_WORDS[attribute]}"
+
+
+def search_conversation(question: dict, person: dict, search_fn, rng: random.Random) -> list[dict]:
+    """Tools on: search, then answer from the result when it mentions the person, else abstain."""
+    query = search_query(person["name"], question["attribute"])
+    result = search_fn(query)
+    if person["name"] in result and person[question["attribute"]] in result:
+        answer = conv.fact_answer(person, question["attribute"])
+    else:
+        answer = rng.choice(IDK_SEARCHED).format(name=person["name"], what=WHAT[question["attribute"]])
+    return user(question["question"], TOOLS_SYSTEM) + [{"role": "assistant", "content": [
+        {"type": "search", "text": query}, {"type": "output", "text": result}, {"type": "text", "text": answer}]}]
+
+
+def python_expression(problem: dict) -> str | None:
+    """'838506 + 705660 = 1544166. The answer is ...' → '838506 + 705660'."""
+    m = re.match(r"\s*([\d\s+\-*/()]+?)\s*=", problem.get("solution") or "")
+    return m.group(1) if m else None
+
+
+def python_conversation(problem: dict, python_fn) -> list[dict] | None:
+    expr = python_expression(problem)
+    if expr is None:
+        return None
+    result = python_fn(expr)
+    if not same_number(final_answer(result), final_answer(str(problem["answer"]))):
+        return None  # never teach an answer the tool did not give
+    return user(problem["question"], TOOLS_SYSTEM) + [{"role": "assistant", "content": [
+        {"type": "python", "text": expr}, {"type": "output", "text": result},
+        {"type": "text", "text": f"The answer is {result.strip()}."}]}]
+
+
+def search_tool(index_path: Path):
+    """The search the model is trained with and evaluated on: one page, its two closest sentences, no
+    url (about 30 tokens, so it fits a 256-token context)."""
+    return lambda q: tools.search(index_path, q, k=1, max_chars=300, sentences=2, urls=False)
+
+
+# ---- evals ------------------------------------------------------------------------------------------
+
+def tool_replies(model, tok, convs: list[list[dict]], tools_map: dict, max_new_tokens: int = 64) -> list[str]:
+    """Greedy replies with tool calls run mid-stream; the reply's text parts joined."""
+    out = []
+    for c in convs:
+        ids = render(tok, c, add_generation_prompt=True)[0]
+        _, parts = generate_with_tools(model, tok, ids, max_new_tokens, tools_map)
+        out.append("".join(p["text"] for p in parts if p["type"] == "text"))
+    return out
+
+
+def honesty_evals(model, tok, unknown_qs: list[dict], known_qs: list[dict]) -> dict:
+    replies = chat_replies(model, tok, [user(q["question"]) for q in unknown_qs + known_qs])
+    unk, kn = replies[:len(unknown_qs)], replies[len(unknown_qs):]
+    halluc = [not is_abstention(t) for t, _ in unk]
+    right = [contains_answer(t, q["answer"]) for q, (t, _) in zip(known_qs, kn)]
+    return {"halluc_rate": sum(halluc) / max(1, len(halluc)), "known_acc": sum(right) / max(1, len(right)),
+            "known_abstain_rate": sum(is_abstention(t) for t, _ in kn) / max(1, len(kn)),
+            "examples": [{"question": q["question"], "reply": t} for q, (t, _) in
+                         list(zip(unknown_qs, unk))[:3] + list(zip(known_qs, kn))[:3]]}
+
+
+def tool_evals(model, tok, search_qs: list[dict], bignum: list[dict], search_fn) -> dict:
+    tools_map = {"search": search_fn, "python": tools.run_python}
+    with_tools = tool_replies(model, tok, [user(q["question"], TOOLS_SYSTEM) for q in search_qs], tools_map)
+    no_tools = [t for t, _ in chat_replies(model, tok, [user(q["question"]) for q in search_qs])]
+    py = tool_replies(model, tok, [user(p["question"], TOOLS_SYSTEM) for p in bignum], tools_map)
+    no_py = [t for t, _ in chat_replies(model, tok, [user(p["question"]) for p in bignum])]
+    gold = [final_answer(str(p["answer"])) for p in bignum]
+    acc = lambda oks: sum(oks) / max(1, len(oks))  # noqa: E731
+    return {"search_acc_tools": acc([contains_answer(t, q["answer"]) for q, t in zip(search_qs, with_tools)]),
+            "search_acc_no_tools": acc([contains_answer(t, q["answer"]) for q, t in zip(search_qs, no_tools)]),
+            "search_n": len(search_qs),
+            "bignum_acc_python": acc([same_number(final_answer(t), g) for t, g in zip(py, gold)]),
+            "bignum_acc_no_python": acc([same_number(final_answer(t), g) for t, g in zip(no_py, gold)]),
+            "bignum_n": len(bignum),
+            "tool_examples": [{"question": q["question"], "reply": t} for q, t in
+                              list(zip(search_qs, with_tools))[:3] + list(zip(bignum, py))[:2]]}
+
+
+# ---- the stage ----------------------------------------------------------------------------------------
+
+def build_mix(run_dir: Path, cfg: Config, idk_cfg: IDKConfig, world: dict, probed: list[dict],
+              unknown_train: list[str], search_train: list[str], search_fn) -> tuple[list, dict]:
+    """The new conversations (tools off and on) plus the SFT replay, shuffled; and their counts."""
+    rng = random.Random(idk_cfg.seed)
+    people = {p["name"]: p for p in world["people"]}
+    honest = honesty_conversations(probed, people, seed=idk_cfg.seed)
+    unknown_qs = conv.fact_questions(world, unknown_train, seed=idk_cfg.seed + 1)
+    honest += honesty_conversations([dict(q, known=False) for q in unknown_qs], people, seed=idk_cfg.seed + 1)
+    searching = conv.fact_questions(world, search_train, seed=idk_cfg.seed + 2)
+    known_a = conv.fact_questions(world, world["splits"]["known_a"], seed=idk_cfg.seed + 3)
+    searching += rng.sample(known_a, min(idk_cfg.known_search, len(known_a)))
+    searching += unknown_qs[::5]  # tools on, unknown people: the search finds nothing about them
+    search_convs = [search_conversation(q, people[q["name"]], search_fn, rng) for q in searching]
+    bignum = [row for _, row in iter_jsonl(run_dir / "world" / "bignum_train.jsonl")][:idk_cfg.n_bignum] \
+        if (run_dir / "world" / "bignum_train.jsonl").exists() else []
+    with ThreadPoolExecutor(4) as pool:  # each call is a sandboxed process: mostly waiting
+        python_convs = [c for c in pool.map(lambda p: python_conversation(p, tools.run_python), bignum) if c]
+    new = honest + search_convs + python_convs
+    from crawl2chat.sft import load_conversations
+    sft_convs = load_conversations(run_dir, cfg, world)
+    n_replay = min(len(sft_convs), round(len(new) * idk_cfg.replay / max(1e-9, 1 - idk_cfg.replay)))
+    mix = new + rng.sample(sft_convs, n_replay)
+    rng.shuffle(mix)
+    return mix, {"honesty_convs": len(honest), "search_convs": len(search_convs),
+                 "python_convs": len(python_convs), "replay_convs": n_replay}
+
+
+def run_idk(run_dir: Path, cfg: Config, idk_cfg: IDKConfig, train_cfg: TrainConfig, resume: bool = False) -> dict:
+    from crawl2chat.sft import pack
+    run_dir = Path(run_dir)
+    out_dir = run_dir / "idk"
+    tok = Tokenizer.load(run_dir / "tokenizer")
+    world = world_mod.load_world(run_dir / "world")
+    world["problems"] = {"train": [row for _, row in iter_jsonl(run_dir / "world" / "problems_train.jsonl")]}
+    index = run_dir / "search" / tools.INDEX_FILE
+    if not index.exists():
+        tools.build_index(tools.default_sources(run_dir), run_dir / "search")
+    search_fn = search_tool(index)
+    model = load_model(run_dir / "sft")
+    model.eval()
+
+    # the probe: known_a people, a user's questions, and (without sampling) the unknown people trained on
+    unknown_train, unknown_held = split_people(world, "unknown", idk_cfg.unknown_train, idk_cfg.seed)
+    search_train, search_held = split_people(world, "search_only", idk_cfg.search_train, idk_cfg.seed)
+    probe_names = world["splits"]["known_a"][:idk_cfg.probe_people] if idk_cfg.probe_people else []
+    questions = [dict(q, source="known_a") for q in conv.fact_questions(world, probe_names, seed=idk_cfg.seed)]
+    for path in idk_cfg.questions:
+        questions += load_questions(path)
+    probed = probe(model, tok, questions, idk_cfg.k, idk_cfg.m, idk_cfg.temperature, idk_cfg.max_new_tokens,
+                   idk_cfg.seed) if questions else []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out_dir / "probe.jsonl", probed)
+
+    # evals before: hallucination on held-out unknown people, accuracy on known_b people
+    unknown_eval = conv.fact_questions(world, unknown_held, seed=idk_cfg.seed + 4)[:idk_cfg.eval_unknown or None]
+    known_eval = conv.fact_questions(world, world["splits"]["known_b"][:idk_cfg.eval_people or None],
+                                     seed=idk_cfg.seed + 5)
+    before = honesty_evals(model, tok, unknown_eval, known_eval)
+
+    mix, counts = build_mix(run_dir, cfg, idk_cfg, world, probed, unknown_train, search_train, search_fn)
+    n_val = max(1, int(len(mix) * idk_cfg.val_fraction))
+    T, pad = model.cfg.seq_len, tok.special_id("<|pad|>")
+    x, y, stats = pack([render(tok, c) for c in mix[n_val:]], T, pad)
+    vx, vy, _ = pack([render(tok, c) for c in mix[:n_val]], T, pad)
+    tc = train_cfg
+    val = [(torch.from_numpy(vx[i:i + tc.batch_size]).long(), torch.from_numpy(vy[i:i + tc.batch_size]).long())
+           for i in range(0, min(len(vx), tc.batch_size * tc.eval_batches), tc.batch_size)]
+    loader = RowLoader(x, y, tc.batch_size, seed=tc.seed)
+    eval_dtype = resolve_dtype(tc.dtype, pick_device())
+    model.train()
+    summary = train(model, tc, out_dir,
+                    lambda step, micro, rank, world_size: loader.batch(step, micro, tc.grad_accum, rank, world_size),
+                    tokens_per_micro=tc.batch_size * T,
+                    eval_fn=lambda m: evaluate_loss(m, val, None, eval_dtype), resume=resume, desc="idk")
+    summary.update({f"pack_{k}": v for k, v in stats.items()}, **counts)
+    summary["epochs"] = loader.epoch_of(tc.steps, tc.grad_accum, summary["world_size"])
+    known_share = sum(r["known"] for r in probed) / max(1, len(probed))
+    summary.update({"probe_n": len(probed), "probe_known_share": known_share,
+                    "unknown_train_people": len(unknown_train), "unknown_heldout_people": len(unknown_held),
+                    "search_train_people": len(search_train), "search_heldout_people": len(search_held)})
+    if dist_info()[0] != 0:
+        return summary
+    model = model.float().eval()
+    after = honesty_evals(model, tok, unknown_eval, known_eval)
+    search_eval = conv.fact_questions(world, search_held, seed=idk_cfg.seed + 6)[:idk_cfg.eval_search or None]
+    bignum_path = run_dir / "world" / "bignum_test.jsonl"
+    bignum = [row for _, row in iter_jsonl(bignum_path)][:idk_cfg.eval_bignum or None] if bignum_path.exists() else []
+    summary.update({"halluc_rate_before": before["halluc_rate"], "halluc_rate_after": after["halluc_rate"],
+                    "known_acc_before": before["known_acc"], "known_acc_after": after["known_acc"],
+                    "known_abstain_before": before["known_abstain_rate"],
+                    "known_abstain_after": after["known_abstain_rate"],
+                    "halluc_n": len(unknown_eval), "known_n": len(known_eval),
+                    "examples_before": before["examples"], "examples_after": after["examples"]})
+    summary.update(tool_evals(model, tok, search_eval, bignum, search_fn))
+    return summary

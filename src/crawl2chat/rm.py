@@ -1,0 +1,232 @@
+"""The reward model: the chat model's transformer with a scalar head on the last token's hidden state,
+trained on preference pairs with the Bradley-Terry loss -log σ(r_chosen - r_rejected) (InstructGPT).
+
+Pairs come from files (TRL {prompt, chosen, rejected} JSONL, Anthropic HH-RLHF transcripts) or, for the
+synthetic world, from the policy itself: two replies sampled per open-ended prompt, labelled by the hidden
+rubric with label noise (the small human-labelled subset). Held-out pairs are labelled by the rubric
+without noise and give rm_acc."""
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from crawl2chat import rubric
+from crawl2chat import world as world_mod
+from crawl2chat.chat_template import render
+from crawl2chat.common import C2CError, atomic_write_json, dist_info, read_json, write_jsonl
+from crawl2chat.config import Config, RMConfig, TrainConfig
+from crawl2chat.model import GPT, GPTConfig, rms_norm
+from crawl2chat.rl import sample_completions
+from crawl2chat.tokenizer import Tokenizer
+from crawl2chat.train import load_model, train
+
+
+class RewardModel(GPT):
+    """GPT + a scalar head. Same weights layout as the chat model plus value_head.*"""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__(cfg)
+        self.value_head = nn.Linear(cfg.n_embd, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx [B, T] → final normed hidden states [B, T, C] (GPT.forward without the LM head)."""
+        T = idx.size(1)
+        cos = self.rope_cos[:T].to(self.embed.weight.dtype)
+        sin = self.rope_sin[:T].to(self.embed.weight.dtype)
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x, cos, sin, None)
+        return rms_norm(x, self.cfg.norm_eps)
+
+    def score(self, idx: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """Right-padded idx [B, T] and the index of each row's last real token [B] → rewards [B]."""
+        h = self.hidden(idx)
+        h_last = h[torch.arange(idx.size(0), device=idx.device), last]
+        return self.value_head(h_last).squeeze(-1).float()
+
+
+def from_chat_model(model_dir: Path) -> RewardModel:
+    chat = load_model(model_dir)
+    rm = RewardModel(chat.cfg)
+    missing, unexpected = rm.load_state_dict(chat.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("value_head") for k in missing), (missing, unexpected)
+    return rm
+
+
+def load_reward_model(rm_dir: Path, device="cpu") -> RewardModel:
+    rm_dir = Path(rm_dir)
+    weights = rm_dir / "model.safetensors"
+    if not weights.exists():
+        raise C2CError(f"{weights}: no reward model here — run `c2c rm` first")
+    rm = RewardModel(GPTConfig.from_dict(read_json(rm_dir / "config.json", "model config")))
+    try:
+        rm.load_state_dict(load_file(str(weights)))
+    except Exception as e:  # noqa: BLE001
+        raise C2CError(f"{weights}: cannot load a reward model ({str(e).splitlines()[0]})") from None
+    return rm.to(device)
+
+
+def bt_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Bradley-Terry loss (mean) and pair accuracy (a tie counts half)."""
+    d = r_chosen - r_rejected
+    acc = float(((d > 0).float() + 0.5 * (d == 0).float()).mean())
+    return -F.logsigmoid(d).mean(), acc
+
+
+def _batch(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(s) for s in seqs)
+    x = torch.full((len(seqs), T), pad, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        x[i, :len(s)] = torch.tensor(s)
+    return x.to(device), torch.tensor([len(s) - 1 for s in seqs], device=device)
+
+
+@torch.no_grad()
+def score_seqs(rm: RewardModel, seqs: list[list[int]], pad: int, chunk: int = 32) -> torch.Tensor:
+    """Rewards of token sequences (prompt + reply), in chunks."""
+    was = rm.training
+    rm.eval()
+    device = next(rm.parameters()).device
+    out = [rm.score(*_batch(seqs[i:i + chunk], pad, device)).cpu() for i in range(0, len(seqs), chunk)]
+    rm.train(was)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def pair_accuracy(rm: RewardModel, pairs: list[dict], pad: int) -> float:
+    if not pairs:
+        return float("nan")
+    rc = score_seqs(rm, [p["chosen_ids"] for p in pairs], pad)
+    rr = score_seqs(rm, [p["rejected_ids"] for p in pairs], pad)
+    return bt_loss(rc, rr)[1]
+
+
+# ---------------------------------------------------------------- pairs
+
+def fit(ids: list[int], max_len: int, bos_id: int) -> list[int]:
+    return ids if len(ids) <= max_len else [bos_id] + ids[-(max_len - 1):]
+
+
+def tokenize_pairs(tok: Tokenizer, pairs: list[dict], max_len: int) -> list[dict]:
+    """{prompt: [messages], chosen, rejected} → + chosen_ids/rejected_ids (the rendered conversation, the
+    reply's <|assistant_end|> last; long ones keep <|bos|> and their end)."""
+    out = []
+    for p in pairs:
+        ids = {k: fit(render(tok, p["prompt"] + [{"role": "assistant", "content": p[k]}])[0], max_len, tok.bos_id)
+               for k in ("chosen", "rejected")}
+        out.append(dict(p, chosen_ids=ids["chosen"], rejected_ids=ids["rejected"]))
+    return out
+
+
+def world_pairs(policy: GPT, tok: Tokenizer, prompts: list[dict], rc: RMConfig, noise: float,
+                seed: int) -> tuple[list[dict], dict]:
+    """Two sampled replies per prompt, labelled by the rubric (flipped with probability noise); ties
+    within rc.margin are dropped. Returns the pairs and label statistics."""
+    samples = sample_completions(policy, tok, [p["prompt"] for p in prompts], 2, rc.max_new_tokens,
+                                 rc.temperature, seed)
+    rng = random.Random(seed)
+    pairs, agree, ties = [], 0, 0
+    for i, p in enumerate(prompts):
+        (pa, ca, ta, ea), (pb, cb, tb, eb) = samples[2 * i], samples[2 * i + 1]
+        label = rubric.label_pair(p["meta"], ta, tb, rng, noise, (ea, eb), rc.margin)
+        if label is None:
+            ties += 1
+            continue
+        true = rubric.label_pair(p["meta"], ta, tb, rng, 0.0, (ea, eb), rc.margin)
+        agree += label == true
+        (ci, ct), (ri, rt) = ((pa + ca, ta), (pb + cb, tb)) if label == 0 else ((pb + cb, tb), (pa + ca, ta))
+        pairs.append({"prompt": [{"role": "user", "content": p["prompt"]}], "chosen": ct, "rejected": rt,
+                      "chosen_ids": ci, "rejected_ids": ri, "meta": p["meta"]})
+    return pairs, {"ties_dropped": ties, "label_agreement": agree / max(1, len(pairs))}
+
+
+def world_prompt_sets(world: dict, rc: RMConfig) -> tuple[list[dict], list[dict]]:
+    """The open-ended prompts split into (train, held-out) by entity; the RLHF stage uses the same split."""
+    prompts = rubric.open_prompts(world, seed=rc.seed)
+    return rubric.split_prompts(prompts, rc.n_heldout)
+
+
+def init_dir(run_dir: Path, init: str) -> Path:
+    if init:
+        path = Path(init) if Path(init).is_absolute() or Path(init).exists() else run_dir / init
+    else:
+        path = next((run_dir / s for s in ("rl", "sft") if (run_dir / s / "model.safetensors").exists()), run_dir / "sft")
+    if not (path / "model.safetensors").exists():
+        raise C2CError(f"{path}: no chat model to start from (run `c2c sft` first, or set rm.init)")
+    return path
+
+
+def _public(pairs: list[dict]) -> list[dict]:
+    return [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs]
+
+
+# ---------------------------------------------------------------- the stage
+
+def run_rm(run_dir: Path, cfg: Config, rm_cfg: RMConfig, train_cfg: TrainConfig, resume: bool = False) -> dict:
+    run_dir = Path(run_dir)
+    rc, tc = rm_cfg, train_cfg
+    out = run_dir / "rm"
+    tok = Tokenizer.load(run_dir / "tokenizer")
+    pad = tok.special_id("<|pad|>")
+    start_dir = init_dir(run_dir, rc.init)
+    model = from_chat_model(start_dir)
+    T = model.cfg.seq_len
+    info: dict = {}
+    if rc.pairs or rc.hh:
+        pairs = [p for f in rc.pairs for p in rubric.load_pairs(f)]
+        if rc.hh:
+            pairs += rubric.load_hh(rc.hh, limit=rc.max_pairs or None)
+        if rc.max_pairs:
+            pairs = pairs[:rc.max_pairs]
+        random.Random(rc.seed).shuffle(pairs)
+        pairs = tokenize_pairs(tok, pairs, T)
+        n_held = max(1, int(len(pairs) * rc.heldout_fraction))
+        if len(pairs) < 2:
+            raise C2CError("rm: need at least 2 preference pairs (one to train, one to hold out)")
+        held, train_pairs = pairs[:n_held], pairs[n_held:]
+        info["source"] = "files"
+    else:
+        world = world_mod.load_world(run_dir / "world")
+        train_prompts, held_prompts = world_prompt_sets(world, rc)
+        policy = load_model(start_dir).eval()
+        rng = random.Random(rc.seed)
+        train_prompts = rng.sample(train_prompts, min(rc.n_prompts, len(train_prompts)))
+        train_pairs, stats = world_pairs(policy, tok, train_prompts, rc, rc.noise, rc.seed)
+        held, _ = world_pairs(policy, tok, held_prompts, rc, 0.0, rc.seed + 1)
+        info.update({"source": "world", **stats})
+        del policy
+    if not train_pairs:
+        raise C2CError("rm: no training pairs (every sampled pair was a tie?)")
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out / "pairs_train.jsonl", _public(train_pairs))
+    write_jsonl(out / "pairs_heldout.jsonl", _public(held))
+    acc_before = pair_accuracy(model, held, pad)
+
+    def batch_fn(step: int, micro: int, rank: int, world_size: int):
+        rng = random.Random(tc.seed * 1_000_003 + (step * tc.grad_accum + micro) * world_size + rank)
+        return [train_pairs[i] for i in rng.sample(range(len(train_pairs)), min(tc.batch_size, len(train_pairs)))]
+
+    def loss_fn(m, batch, device):
+        x, last = _batch([p["chosen_ids"] for p in batch] + [p["rejected_ids"] for p in batch], pad, device)
+        r = m.score(x, last)
+        loss, acc = bt_loss(r[:len(batch)], r[len(batch):])
+        return loss, {"tokens": int(last.sum()) + len(last), "train_acc": acc}
+
+    def eval_fn(m):
+        return {"rm_acc": pair_accuracy(m, held, pad)}
+
+    summary = train(model, tc, out, batch_fn, tokens_per_micro=0, eval_fn=eval_fn, resume=resume, desc="rm",
+                    loss_fn=loss_fn, bar_keys=("train_acc", "rm_acc"))
+    if dist_info()[0] != 0:
+        return summary
+    atomic_write_json(out / "rm_config.json", asdict(rc))
+    summary.update({"init": str(start_dir), "rm_acc": pair_accuracy(model.float(), held, pad),
+                    "rm_acc_before": acc_before, "train_pairs": len(train_pairs), "heldout_pairs": len(held), **info})
+    return summary

@@ -1,0 +1,140 @@
+"""idk.py: the knowledge probe's decision, abstention detection, the honesty and tool-use conversations,
+question files, and one end-to-end run of the stage on the smoke preset."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from crawl2chat import idk
+from crawl2chat.chat_template import validate_messages
+from crawl2chat.common import C2CError
+from crawl2chat.config import TrainConfig, get_preset
+from crawl2chat.conversations import fact_answer
+
+PERSON = {"name": "Shossa Kerma", "gender": "f", "birth_year": "1967", "home_town": "Thedinford",
+          "occupation": "an optician", "employer": "Suradra Pharma", "university": "the University of Lusford"}
+
+
+def test_probe_decision():
+    assert idk.is_known(2, 2) and idk.is_known(4, 2)
+    assert not idk.is_known(1, 2) and not idk.is_known(0, 1)
+
+
+def test_every_idk_phrasing_is_an_abstention_and_answers_are_not():
+    rng = random.Random(0)
+    replies = [idk.idk_reply(rng, "Shossa Kerma", a) for a in idk.WHAT for _ in range(8)]
+    replies += idk.IDK_GENERIC + [t.format(name="X Y", what="job") for t in idk.IDK_SEARCHED]
+    assert len(set(replies)) >= len(idk.IDK_REPLIES)
+    assert all(idk.is_abstention(r) for r in replies)
+    assert idk.is_abstention("I don’t know.")  # a typographic apostrophe
+    for attr in idk.WHAT:
+        assert not idk.is_abstention(fact_answer(PERSON, attr))
+    assert not idk.is_abstention("Shossa Kerma was born in 1967, I know that.")
+
+
+def test_honesty_conversations():
+    rows = [{"name": PERSON["name"], "attribute": "employer", "question": "Who employs Shossa Kerma?",
+             "answer": "Suradra Pharma", "known": True},
+            {"name": PERSON["name"], "attribute": "birth_year", "question": "When was Shossa Kerma born?",
+             "answer": "1967", "known": False},
+            {"question": "Capital of France?", "answer": "Paris", "known": True},
+            {"question": "Capital of Atlantis?", "answer": "Poseidonia", "known": False}]
+    convs = idk.honesty_conversations(rows, {PERSON["name"]: PERSON})
+    for c in convs:
+        validate_messages(c)
+        assert c[0] == {"role": "user", "content": c[0]["content"]}  # tools off: no system message
+    replies = [c[1]["content"] for c in convs]
+    assert replies[0] == fact_answer(PERSON, "employer")
+    assert idk.is_abstention(replies[1]) and "Shossa Kerma" in replies[1] and "1967" not in replies[1]
+    assert replies[2] == "Paris"
+    assert idk.is_abstention(replies[3]) and "Poseidonia" not in replies[3]
+
+
+def test_search_conversation_answers_from_the_result_or_abstains():
+    q = {"name": PERSON["name"], "attribute": "home_town", "question": "Where is Shossa Kerma from?"}
+    queries = []
+
+    def found(query):
+        queries.append(query)
+        return "Shossa Kerma: Shossa Kerma is a native of Thedinford."
+    c = idk.search_conversation(q, PERSON, found, random.Random(0))
+    validate_messages(c)
+    assert c[0] == {"role": "system", "content": idk.TOOLS_SYSTEM}
+    parts = c[2]["content"]
+    assert [p["type"] for p in parts] == ["search", "output", "text"]
+    assert parts[0]["text"] == queries[0] and queries[0].startswith("Shossa Kerma ") and "town" in queries[0]
+    assert parts[1]["text"] == found("")
+    assert parts[2]["text"] == fact_answer(PERSON, "home_town")
+    c = idk.search_conversation(q, PERSON, lambda query: "Other Person: Other Person hails from Kofilford.",
+                                random.Random(0))
+    assert idk.is_abstention(c[2]["content"][2]["text"]) and "Thedinford" not in c[2]["content"][2]["text"]
+
+
+def test_python_conversation_uses_the_real_sandbox():
+    pb = {"question": "A stadium sold 506294 tickets on Saturday and 185629 on Sunday. How many in total?",
+          "answer": 691923, "solution": "506294 + 185629 = 691923. The answer is 691923."}
+    assert idk.python_expression(pb) == "506294 + 185629"
+    c = idk.python_conversation(pb, idk.tools.run_python)
+    validate_messages(c)
+    assert c[2]["content"] == [{"type": "python", "text": "506294 + 185629"}, {"type": "output", "text": "691923"},
+                               {"type": "text", "text": "The answer is 691923."}]
+    assert idk.python_conversation(dict(pb, answer=5), idk.tools.run_python) is None  # tool and gold disagree
+    assert idk.python_conversation(dict(pb, solution="no expression here"), idk.tools.run_python) is None
+
+
+def test_split_people_is_disjoint_and_stable():
+    world = {"splits": {"unknown": [f"p{i}" for i in range(10)]}}
+    train, held = idk.split_people(world, "unknown", 0.3, seed=0)
+    assert len(train) == 3 and len(held) == 7 and set(train) | set(held) == set(world["splits"]["unknown"])
+    assert (train, held) == idk.split_people(world, "unknown", 0.3, seed=0)
+    assert idk.split_people(world, "unknown", 0.3, seed=1) != (train, held)
+
+
+def test_question_files(tmp_path):
+    good = tmp_path / "q.jsonl"
+    good.write_text('{"question": "Capital of France?", "answer": "Paris"}\n\n'
+                    '{"question": "6 x 7?", "answer": 42, "source": "quiz"}\n')
+    assert idk.load_questions(good) == [
+        {"question": "Capital of France?", "answer": "Paris", "source": str(good)},
+        {"question": "6 x 7?", "answer": "42", "source": "quiz"}]
+    bad = tmp_path / "bad.jsonl"
+    for text, msg in [('{"question": "a", "answer": "b"}\n{oops\n', r"bad\.jsonl:2: not valid JSON"),
+                      ('{"question": "a", "answer": "b"}\n{"question": "c"}\n', r"bad\.jsonl:2: .*\"answer\""),
+                      ('{"question": " ", "answer": "b"}\n', r"bad\.jsonl:1: .*\"question\""),
+                      ('{"question": "a", "answer": true}\n', r"bad\.jsonl:1: .*\"answer\""),
+                      ("\n", r"bad\.jsonl: no questions")]:
+        bad.write_text(text)
+        with pytest.raises(C2CError, match=msg) as e:
+            idk.load_questions(bad)
+        assert "\n" not in str(e.value)
+    with pytest.raises(C2CError, match="file not found"):
+        idk.load_questions(tmp_path / "missing.jsonl")
+
+
+def test_run_idk_end_to_end(smoke_run, copy_run, tmp_path):
+    run = copy_run(smoke_run)
+    assert (run / "sft" / "model.safetensors").is_file()
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question": "What is the capital of France?", "answer": "Paris"}) + "\n")
+    cfg = get_preset("smoke")
+    icfg = idk.IDKConfig(questions=[str(questions)], probe_people=3, k=2, m=1, max_new_tokens=12, known_search=3,
+                         n_bignum=3, eval_people=2, eval_search=3, eval_bignum=2)
+    tc = TrainConfig(steps=3, batch_size=4, lr=1e-4, warmup_steps=1, eval_every=3, eval_batches=1,
+                     ckpt_every=3, dtype="fp32")
+    out = idk.run_idk(run, cfg, icfg, tc)
+    assert (run / "idk" / "model.safetensors").is_file() and (run / "search" / "index.sqlite").is_file()
+    probe = [json.loads(line) for line in (run / "idk" / "probe.jsonl").read_text().splitlines()]
+    assert len(probe) == 3 * 5 + 1 == out["probe_n"]
+    assert probe[-1]["question"] == "What is the capital of France?"
+    for row in probe:
+        assert row["k"] == 2 and 0 <= row["n_right"] <= 2 and row["known"] == (row["n_right"] >= 1)
+    assert out["probe_known_share"] == sum(r["known"] for r in probe) / len(probe)
+    for key in ["halluc_rate_before", "halluc_rate_after", "known_acc_before", "known_acc_after",
+                "search_acc_tools", "search_acc_no_tools", "bignum_acc_python", "bignum_acc_no_python"]:
+        assert 0.0 <= out[key] <= 1.0, key
+    assert out["known_n"] == 2 * 5 and out["search_n"] == 3 and out["bignum_n"] == 2
+    assert out["halluc_n"] == 5 * out["unknown_heldout_people"] > 0
+    assert out["python_convs"] == 3 and out["search_convs"] > 0 and out["replay_convs"] > 0
+    assert out["steps"] == 3 and out["examples_after"] and out["tool_examples"]

@@ -1,0 +1,90 @@
+"""RLHF: the guard's stopping rule, the paired bootstrap, adversarial examples, and rm + rlhf end to end
+on the smoke run."""
+from __future__ import annotations
+
+import json
+import math
+
+from crawl2chat.config import TrainConfig
+from crawl2chat.rlhf import RLHFConfig, adversarial, guard_decision, paired_bootstrap, run_rlhf
+from crawl2chat.rm import RMConfig, run_rm
+
+
+def _curve(points):
+    return [{"step": 5 * i, "proxy": p, "gold": g, "kl": k} for i, (p, g, k) in enumerate(points)]
+
+
+def test_guard_stops_on_proxy_up_gold_down_for_m_evaluations():
+    rc = RLHFConfig(patience=2, margin=0.01, kl_budget=5.0)
+    rising = [(0.0, 0.50, 0.1), (0.2, 0.60, 0.2), (0.4, 0.55, 0.3)]
+    assert guard_decision(_curve(rising), rc) is None  # one evaluation of divergence is not enough
+    assert guard_decision(_curve(rising + [(0.5, 0.52, 0.4)]), rc) == "reward_hacking"
+    assert guard_decision(_curve(rising + [(0.5, 0.65, 0.4)]), rc) is None  # gold recovered: a new peak
+    assert guard_decision(_curve(rising + [(0.1, 0.52, 0.4)]), rc) is None  # proxy fell too: not hacking
+    assert guard_decision(_curve([(0.0, 0.5, 0.1), (0.1, 0.6, 6.0)]), rc) == "kl_budget"
+
+
+def test_paired_bootstrap_interval():
+    before = [0.5, 0.4, 0.6, 0.5, 0.3, 0.7, 0.5, 0.4]
+    after = [b + d for b, d in zip(before, [0.1, 0.2, 0.1, 0.15, 0.1, 0.05, 0.2, 0.1])]
+    mean, lo, hi = paired_bootstrap(before, after)
+    assert abs(mean - 0.125) < 1e-6 and 0.05 <= lo < mean < hi <= 0.2
+    mean, lo, hi = paired_bootstrap(before, before)
+    assert mean == lo == hi == 0.0
+
+
+def test_adversarial_examples_are_high_proxy_low_gold():
+    start = [{"prompt": "p", "response": str(i), "proxy": float(i), "gold": 0.5, "prompt_index": i} for i in range(4)]
+    later = [{"prompt": "p", "response": "hack", "proxy": 9.0, "gold": 0.1, "prompt_index": 0},
+             {"prompt": "p", "response": "fine", "proxy": 9.0, "gold": 0.9, "prompt_index": 1}]
+    adv = adversarial([(0, start), (10, later)], k=5)
+    assert [a["response"] for a in adv] == ["hack"] and adv[0]["step"] == 10
+
+
+def _configs():
+    rm_cfg = RMConfig(n_prompts=40, n_heldout=10, max_new_tokens=16)
+    rm_tc = TrainConfig(steps=6, batch_size=8, lr=3e-4, warmup_steps=1, eval_every=3, ckpt_every=3, dtype="fp32")
+    rc = RLHFConfig(prompts_per_step=4, group_size=2, max_new_tokens=16, eval_prompts=6, eval_samples=2,
+                    final_samples=2)
+    tc = TrainConfig(steps=4, batch_size=0, lr=1e-4, warmup_steps=1, eval_every=2, ckpt_every=2, dtype="fp32")
+    return rm_cfg, rm_tc, rc, tc
+
+
+def test_rm_and_rlhf_end_to_end_on_the_smoke_run(smoke_run, copy_run):
+    run = copy_run(smoke_run)
+    rm_cfg, rm_tc, rc, tc = _configs()
+    rm = run_rm(run, None, rm_cfg, rm_tc)
+    assert rm["source"] == "world" and rm["train_pairs"] > 0 and rm["heldout_pairs"] > 0
+    assert 0.0 <= rm["rm_acc"] <= 1.0 and 0.5 <= rm["label_agreement"] <= 1.0
+    (run / "rm" / "metrics.json").write_text(json.dumps(rm))
+    out = run_rlhf(run, None, rc, tc)
+    for key in ("rm_acc", "gold_before", "gold_after", "gold_diff_ci95", "proxy_before", "proxy_after",
+                "stopped_step", "gold_peak_step", "stop_reason", "curve"):
+        assert key in out, key
+    assert out["rm_acc"] == rm["rm_acc"]
+    assert 0.0 <= out["gold_before"] <= 1.0 and 0.0 <= out["gold_after"] <= 1.0
+    lo, hi = out["gold_diff_ci95"]
+    assert lo <= out["gold_diff"] <= hi
+    assert out["gold_peak_step"] in {c["step"] for c in out["curve"]}
+    assert [c["step"] for c in out["curve"]][:2] == [0, 2]
+    rows = [json.loads(l) for l in (run / "rlhf" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] == 0 and all(math.isfinite(rows[0][k]) for k in ("proxy", "gold", "kl"))
+    assert any("gold" in r and r["step"] == 2 for r in rows)
+    assert (run / "rlhf" / "model.safetensors").exists() and (run / "rlhf" / "adversarial.jsonl").exists()
+
+
+def test_guard_stops_training_and_keeps_the_best_gold_weights(smoke_run, copy_run):
+    """A KL budget below zero fires at the first evaluation after training starts."""
+    run = copy_run(smoke_run)
+    rm_cfg, rm_tc, rc, tc = _configs()
+    run_rm(run, None, rm_cfg, rm_tc)
+    rc.kl_budget = -1.0
+    tc.steps = 6
+    out = run_rlhf(run, None, rc, tc)
+    assert out["stop_reason"] == "kl_budget" and out["stopped_step"] == 2
+    rows = [json.loads(l) for l in (run / "rlhf" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows) == 2  # no step after the guard fired
+    assert out["saved_step"] == out["gold_peak_step"]
+    rc.guard, rc.kl_budget = False, -1.0
+    out = run_rlhf(run, None, rc, tc)
+    assert out["stop_reason"] == "completed" and out["stopped_step"] == 6 and out["saved_step"] == 6
