@@ -114,13 +114,16 @@ def test_forward_longer_than_context_raises():
 # ---------------------------------------------------------------- KV cache
 
 
-def test_chunked_prefill_matches_full_forward():
+@pytest.mark.parametrize("decode_layout", [False, True])
+def test_chunked_prefill_matches_full_forward(decode_layout):
+    """Also with the weights in the decoding layout (stacked, transposed), which the engine uses."""
     model = sharp_model(3)
     x = torch.randint(0, CFG.vocab_size, (2, 30), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         full = model(x)
         for cuts in ([0, 13, 30], [0, 1, 2, 17, 18, 30], [0, 30]):
-            cache = KVCache(CFG, 2, CFG.seq_len, "cpu", torch.float32)
+            fused = model.decode_weights() if decode_layout else None
+            cache = KVCache(CFG, 2, CFG.seq_len, "cpu", torch.float32, fused=fused)
             parts = [model(x[:, a:b], cache=cache) for a, b in zip(cuts, cuts[1:])]
             assert cache.pos == 30
             torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=0)
@@ -179,6 +182,32 @@ def test_ragged_batches_equal_one_by_one():
         last = model(padded, cache=cache)[:, -1]
         for i, p in enumerate(prompts):
             torch.testing.assert_close(last[i], model(torch.tensor([p]))[0, -1], atol=1e-4, rtol=0)
+
+
+def test_decode_step_matches_forward():
+    """decode_step (fixed shapes: the whole cache under a position mask) gives the forward's logits."""
+    model = sharp_model(4)
+    x = torch.randint(0, CFG.vocab_size, (3, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(x)
+        cache = KVCache(CFG, 3, CFG.seq_len, "cpu", torch.float32, fused=model.decode_weights())
+        model(x[:, :12], cache=cache)
+        for t in range(12, 20):
+            logits = model.decode_step(x[:, t:t + 1], torch.tensor([t]), cache)
+            torch.testing.assert_close(logits, full[:, t], atol=1e-4, rtol=0)
+
+
+def test_compiled_generation_equals_eager():
+    """torch.compile'd decoding (one graph for every position) continues prompts exactly as the eager
+    engine does, for equal-length and for ragged (left-padded, masked) batches."""
+    model = sharp_model(5)
+    g = torch.Generator().manual_seed(5)
+    same = [random_prompt(g, 6) for _ in range(3)]
+    ragged = [random_prompt(g, n) for n in (2, 6, 9)]
+    for prompts, kw in ((same, {}), (ragged, {"ragged": True})):
+        eager = generate(model, prompts, 12, **kw)
+        assert generate(model, prompts, 12, compile=True, **kw) == eager
+        assert eager == [greedy_no_cache(model, p, 12) for p in prompts]
 
 
 def test_generate_restores_training_mode():

@@ -182,8 +182,13 @@ def show(results: dict) -> None:
                           f"{r['share_of_peak']:.1%}", f"of {dt} peak",
                           f"{t['matmul_peak_flops'][dt] / 1e9:.0f} GFLOP/s matmul")
     if "generate" in results:
-        row("generate, batch 1", results["generate"]["batch1"])
-        row("generate, batch 32", results["generate"]["batch32"])
+        for B in (1, 32):
+            e = results["generate"][f"batch{B}"]
+            row(f"generate, batch {B} ({e['ours_is']})", e)
+            for variant in ("eager", "compiled"):
+                if variant in e and variant != e["ours_is"]:
+                    table.add_row(f"  {variant}", f"{e[variant]['ours']:.4g}", "", f"{e[variant]['ratio']:.2f}×",
+                                  "tok/s", "")
     if "tokenizer" in results:
         row("tokenizer train", results["tokenizer"])
         row("tokenizer encode", results["tokenizer"]["encode"])

@@ -32,6 +32,10 @@ def greedy_ours(model, prompts: list[list[int]], new_tokens: int) -> list[list[i
     return generate_batch(model, prompts, new_tokens, temperature=0.0, stop_ids=())
 
 
+def greedy_ours_compiled(model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    return generate_batch(model, prompts, new_tokens, temperature=0.0, stop_ids=(), compile=True)
+
+
 @torch.no_grad()
 def greedy_hf(hf_model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
     """transformers generate(): greedy with its default (dynamic) KV cache, exactly new_tokens tokens."""
@@ -79,10 +83,14 @@ def _race(runs: dict, prompts, new_tokens: int, repeats: int) -> dict:
 
 
 def bench_generate(model, tok, prompt_ids: list[int], new_tokens: int = 64, repeats: int = 5,
-                   no_cache: bool = True) -> dict:
+                   no_cache: bool = True, compile: bool = False) -> dict:
     """Greedy tokens/s at batch 1 and 32: ours (KV cache) beside transformers generate() on the exported
     model, and beside the no-cache loop. Generation never stops early (no stop ids) and new_tokens is
-    capped so prompt + new tokens fit the context. `tok` is not needed for the timing (may be None)."""
+    capped so prompt + new tokens fit the context. `tok` is not needed for the timing (may be None).
+
+    compile=True also times our torch.compile'd decode step (compiled during the warm-up, compile_s);
+    then each batch's "ours" is the faster of eager and compiled, named by "ours_is", and both are kept
+    under "eager" and "compiled"."""
     prompt_ids = list(prompt_ids)
     new_tokens = min(new_tokens, model.cfg.seq_len - len(prompt_ids))
     if not prompt_ids or new_tokens < 1:
@@ -99,6 +107,15 @@ def bench_generate(model, tok, prompt_ids: list[int], new_tokens: int = 64, repe
                 prompts = [prompt_ids] * B
                 runs = {"ours": (greedy_ours, model), "hf": (greedy_hf, hf)}
                 _race(runs, prompts, 2, 1)  # warm-up
+                compile_s = None
+                if compile:
+                    t0 = time.perf_counter()
+                    try:
+                        greedy_ours_compiled(model, prompts, 2)
+                        runs["compiled"] = (greedy_ours_compiled, model)
+                        compile_s = time.perf_counter() - t0
+                    except Exception as e:  # noqa: BLE001 (no C++ compiler, unsupported backend): eager only
+                        result["compile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 best = _race(runs, prompts, new_tokens, repeats)
                 if no_cache:  # slow (quadratic): timed once
                     best.update(_race({"no_cache": (greedy_no_cache, model)}, prompts, new_tokens, 1))
@@ -106,7 +123,14 @@ def bench_generate(model, tok, prompt_ids: list[int], new_tokens: int = 64, repe
                 tok_s = {name: B * new_tokens / t for name, (t, _) in best.items()}
                 ours, o, h = best["ours"][1], tok_s["ours"], tok_s["hf"]
                 e = {"ours": o, "baseline": h, "ratio": o / h, "unit": "tok/s", "baseline_is": BASELINE_IS,
-                     "same_output": ours == best["hf"][1]}
+                     "same_output": ours == best["hf"][1], "ours_is": "eager"}
+                if "compiled" in best:
+                    c = tok_s["compiled"]
+                    e["eager"] = {"ours": o, "ratio": o / h, "same_output": e["same_output"]}
+                    e["compiled"] = {"ours": c, "ratio": c / h, "same_output": best["compiled"][1] == best["hf"][1],
+                                     "compile_s": compile_s}
+                    if c > o and e["compiled"]["same_output"]:
+                        e.update(ours=c, ratio=c / h, ours_is="compiled")
                 if no_cache:
                     n = tok_s["no_cache"]
                     e["no_cache"] = {"baseline": n, "ratio": o / n, "baseline_is": NO_CACHE_IS,
@@ -116,7 +140,7 @@ def bench_generate(model, tok, prompt_ids: list[int], new_tokens: int = 64, repe
     finally:
         model.train(was_training)
     b1 = result["batch1"]
-    result.update({k: b1[k] for k in ("ours", "baseline", "ratio", "unit", "baseline_is")})
+    result.update({k: b1[k] for k in ("ours", "baseline", "ratio", "unit", "baseline_is", "ours_is")})
     result["same_output"] = b1["same_output"] and result["batch32"]["same_output"]
     return result
 
@@ -136,6 +160,6 @@ def bench_generate_random(depth: int = 4, width: int = 256, seq_len: int = 256, 
                 p.normal_(0.0, 1.0 / p.shape[-1] ** 0.5)
     model = model.to(device or "cpu")
     prompt = torch.randint(0, vocab_size, (prompt_len,)).tolist()
-    r = bench_generate(model, None, prompt, new_tokens)
+    r = bench_generate(model, None, prompt, new_tokens, compile=True)
     r["model"] = f"random GPT depth {depth}, width {cfg.n_embd}, seq_len {seq_len}, vocab {vocab_size}"
     return r

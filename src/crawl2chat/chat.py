@@ -33,10 +33,13 @@ def build_chat_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens; 0 = all (default: 50)")
     p.add_argument("--max-tokens", type=int, default=256, help="longest reply in tokens (default: 256)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (default: random)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode with torch.compile: the first reply waits for the compile (tens of seconds on "
+                        "a CPU), later tokens come faster (c2c bench generate measures it)")
 
 
 def reply_stream(model, tok, messages, *, temperature: float, top_k: int | None, max_tokens: int,
-                 on_text: Callable[[str], None], seed: int | None = None) -> str:
+                 on_text: Callable[[str], None], seed: int | None = None, compile: bool = False) -> str:
     """Generate the assistant's reply to `messages`, passing the text to on_text piece by piece as it
     is generated; returns the whole reply (without <|assistant_end|>). A prompt too long for the context
     is cut from the left (keeping <|bos|>) with a warning on stderr. Ctrl-C propagates."""
@@ -65,7 +68,7 @@ def reply_stream(model, tok, messages, *, temperature: float, top_k: int | None,
             shown = text
 
     generate_batch(model, [ids], max_tokens, temperature=temperature, top_k=top_k or None,
-                   stop_ids=sorted(stops), generator=gen, on_token=on_token)
+                   stop_ids=sorted(stops), generator=gen, on_token=on_token, compile=compile)
     reply = tok.decode(new)
     if reply.startswith(shown) and len(reply) > len(shown):
         on_text(reply[len(shown):])  # whatever was held back (e.g. a cut-off multi-byte char)
@@ -112,7 +115,8 @@ def cmd_chat(args) -> None:
     if args.prompt is not None and not args.prompt.strip():
         raise C2CError("the message is empty")
     model_dir, model, tok = load_chat(args)
-    opts = dict(temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens, seed=args.seed)
+    opts = dict(temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens, seed=args.seed,
+                compile=getattr(args, "compile", False))
     if args.prompt is not None:
         reply_stream(model, tok, [{"role": "user", "content": args.prompt}], on_text=_print_piece, **opts)
         print()

@@ -134,7 +134,8 @@ class RMConfig:
     hh: str = ""                  # an HH-RLHF {chosen, rejected} transcript file (.jsonl or .jsonl.gz)
     max_pairs: int = 0            # cap on pairs read from files (0 = all)
     heldout_fraction: float = 0.1  # file pairs held out for rm_acc
-    n_prompts: int = 300          # world: open-ended prompts, two sampled replies each → labelled pairs
+    n_prompts: int = 300          # world: open-ended prompts whose sampled replies make labelled pairs
+    samples_per_prompt: int = 2   # world: replies sampled per prompt, paired two by two
     n_heldout: int = 100          # world: held-out prompts (other entities) → rubric-labelled pairs
     noise: float = 0.1            # world: share of training labels flipped (human disagreement)
     margin: float = 0.05          # world: pairs whose rubric scores differ by less are ties, dropped

@@ -2,6 +2,7 @@
 so no padding enters attention and batched output equals one-by-one output."""
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
 from typing import Callable, Sequence
 
@@ -40,9 +41,12 @@ def generate_batch(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens:
                    top_k: int | None = None, top_p: float | None = None, stop_ids: Sequence[int] = (),
                    generator: torch.Generator | None = None,
                    on_token: Callable[[int, int], None] | None = None,
-                   key_mask: torch.Tensor | None = None) -> list[list[int]]:
+                   key_mask: torch.Tensor | None = None, compile: bool = False) -> list[list[int]]:
     """Continue prompts that all have the same length; returns the new ids of each (stop id included).
-    key_mask [B, T0] (False on left padding) lets prompts of different lengths share the batch."""
+    key_mask [B, T0] (False on left padding) lets prompts of different lengths share the batch.
+    compile=True decodes with torch.compile'd GPT.decode_step over a cache of the full context: the
+    first call per batch size compiles (tens of seconds on a CPU), later calls run one fused graph per
+    token. Worth it in a long-lived process (chat, serve) generating at small batch sizes."""
     device = next(model.parameters()).device
     T0 = len(prompts[0])
     assert all(len(p) == T0 for p in prompts), "generate_batch needs prompts of equal length"
@@ -50,26 +54,42 @@ def generate_batch(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens:
     if max_new_tokens <= 0:
         return [[] for _ in prompts]
     B = len(prompts)
-    cache = KVCache(model.cfg, B, T0 + max_new_tokens, device, next(model.parameters()).dtype)
+    L = model.cfg.seq_len if compile else T0 + max_new_tokens  # compiled: one cache shape for every call
+    cache = KVCache(model.cfg, B, L, device, next(model.parameters()).dtype, fused=model.decode_weights())
+    step = compiled_decode_step(model) if compile else None
     if key_mask is not None:
-        cache.key_mask = torch.ones(B, T0 + max_new_tokens, dtype=torch.bool, device=device)
+        cache.key_mask = torch.ones(B, L, dtype=torch.bool, device=device)
         cache.key_mask[:, :T0] = key_mask.to(device)
     logits = model(torch.tensor(prompts, dtype=torch.long, device=device), cache=cache)[:, -1]
-    out = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    stops = torch.tensor(list(stop_ids) or [-1], device=device)
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    stops = set(stop_ids)
     for i in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
-        for b in (~done).nonzero().flatten().tolist():
-            tok = int(nxt[b])
+        for b, tok in enumerate(nxt.tolist()):  # one host transfer per step, bookkeeping in Python
+            if done[b]:
+                continue
             out[b].append(tok)
             if on_token is not None:
                 on_token(b, tok)
-        done |= torch.isin(nxt, stops)
-        if bool(done.all()) or i == max_new_tokens - 1:
+            done[b] = tok in stops
+        if all(done) or i == max_new_tokens - 1:
             break
-        logits = model(nxt.view(B, 1), cache=cache)[:, -1]
+        if step is None:
+            logits = model(nxt.view(B, 1), cache=cache)[:, -1]
+        else:
+            logits = step(nxt.view(B, 1), torch.tensor([T0 + i], device=device), cache)
     return out
+
+
+_COMPILED: "weakref.WeakKeyDictionary[GPT, Callable]" = weakref.WeakKeyDictionary()
+
+
+def compiled_decode_step(model: GPT) -> Callable:
+    """model.decode_step through torch.compile, built once per model object."""
+    if model not in _COMPILED:
+        _COMPILED[model] = torch.compile(model.decode_step, dynamic=False)
+    return _COMPILED[model]
 
 
 def generate(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int = 64,
@@ -154,7 +174,7 @@ def generate_with_tools(model: GPT, tok, prompt_ids: Sequence[int], max_new_toke
                         top_k: int | None = None, top_p: float | None = None,
                         generator: torch.Generator | None = None,
                         on_token: Callable[[int, str], None] | None = None,
-                        max_calls: int = 4) -> tuple[list[int], list[dict]]:
+                        max_calls: int = 4, compile: bool = False) -> tuple[list[int], list[dict]]:
     """Generate one assistant reply, running tool calls as the model makes them.
 
     When the model closes a call (<|python_end|> or <|search_end|>), the call's text is passed to
@@ -168,6 +188,7 @@ def generate_with_tools(model: GPT, tok, prompt_ids: Sequence[int], max_new_toke
     "text", "python", "search" (delimiters included), "output" (injected, delimiters included), or
     "end" for the final <|assistant_end|> / <|bos|>. A tool missing from `tools` answers
     "tool not available"; after max_calls calls every call answers "tool call limit reached".
+    compile=True decodes single tokens with the compiled step (generate_batch); tool outputs prefill eagerly.
     """
     sid = tok.special_id
     starts = {sid(s): kind for s, kind in _CALLS.items()}
@@ -182,7 +203,7 @@ def generate_with_tools(model: GPT, tok, prompt_ids: Sequence[int], max_new_toke
     emit = on_token or (lambda t, kind: None)
     was_training = model.training
     model.eval()
-    cache = KVCache(model.cfg, 1, limit, device, next(model.parameters()).dtype)
+    cache = KVCache(model.cfg, 1, limit, device, next(model.parameters()).dtype, fused=model.decode_weights())
     logits = model(torch.tensor([list(prompt_ids)], dtype=torch.long, device=device), cache=cache)[:, -1]
     call_kind, call_start, n_calls = None, 0, 0
     for _ in range(max_new_tokens):
@@ -221,6 +242,11 @@ def generate_with_tools(model: GPT, tok, prompt_ids: Sequence[int], max_new_toke
             emit(t, call_kind or "text")
         if cache.pos + len(feed) >= limit:
             break  # no position left for another token: finish "length"
-        logits = model(torch.tensor([feed], dtype=torch.long, device=device), cache=cache)[:, -1]
+        if compile and len(feed) == 1:
+            logits = compiled_decode_step(model)(torch.tensor([feed], device=device),
+                                                 torch.tensor([cache.pos], device=device), cache)
+            cache.pos += 1
+        else:
+            logits = model(torch.tensor([feed], dtype=torch.long, device=device), cache=cache)[:, -1]
     model.train(was_training)
     return new, tool_parts_from_ids(tok, new)

@@ -53,16 +53,34 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-class KVCache:
-    """Preallocated keys/values for every layer: [depth, batch, heads, max_len, head_dim]."""
+@dataclass
+class DecodeWeights:
+    """The matmul weights laid out for decoding: transposed to [in, out] and contiguous, with each layer's
+    q|k|v and gate|up stacked into one matrix. A decode step at small batch is bound by op count and by
+    reading the weights: one matmul where there were three, and x @ w reads faster than F.linear(x, W)
+    on a CPU (measured: 35 vs 53 µs for a 256×768 matrix)."""
+    qkv: list
+    o: list
+    gate_up: list
+    down: list
+    lm_head: torch.Tensor
 
-    def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int, device, dtype):
+
+class KVCache:
+    """Preallocated keys/values for every layer: [depth, batch, heads, max_len, head_dim]. With `fused`
+    (GPT.decode_weights()), the cached forward uses the decoding layout of the weights."""
+
+    def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int, device, dtype,
+                 fused: DecodeWeights | None = None):
         shape = (cfg.depth, batch_size, cfg.n_head, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k_layers = [self.k[i] for i in range(cfg.depth)]  # per-layer views (not unbind: written in place)
+        self.v_layers = [self.v[i] for i in range(cfg.depth)]
         self.pos = 0
         self.max_len = max_len
         self.key_mask: torch.Tensor | None = None  # [batch, max_len], False on left padding (ragged batches)
+        self.fused = fused
 
     def reset(self):
         self.pos = 0
@@ -81,18 +99,22 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, cache: KVCache | None):
         B, T, _ = x.shape
         H, D, eps = self.cfg.n_head, self.cfg.head_dim, self.cfg.norm_eps
-        q = rms_norm(self.q_proj(x).view(B, T, H, D), eps).transpose(1, 2)
-        k = rms_norm(self.k_proj(x).view(B, T, H, D), eps).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, H, D).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        if cache is not None and cache.fused is not None:  # sin is signed here: see GPT.rope_sin_signed
+            q, k, v = self.fused_qkv(x, cache.fused.qkv[self.layer], cos, sin)
+        else:
+            q = rms_norm(self.q_proj(x).view(B, T, H, D), eps).transpose(1, 2)
+            k = rms_norm(self.k_proj(x).view(B, T, H, D), eps).transpose(1, 2)
+            v = self.v_proj(x).view(B, T, H, D).transpose(1, 2)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             p = cache.pos
-            cache.k[self.layer, :, :, p:p + T] = k
-            cache.v[self.layer, :, :, p:p + T] = v
-            k, v = cache.k[self.layer, :, :, :p + T], cache.v[self.layer, :, :, :p + T]
+            k_all, v_all = cache.k_layers[self.layer], cache.v_layers[self.layer]
+            k_all[:, :, p:p + T] = k
+            v_all[:, :, p:p + T] = v
+            k, v = k_all[:, :, :p + T], v_all[:, :, :p + T]
             if cache.key_mask is not None:  # left-padded rows: padding keys are never attended to
                 seen = torch.ones(T, p + T, dtype=torch.bool, device=x.device).tril(diagonal=p)
                 own = torch.zeros_like(seen)
@@ -106,7 +128,18 @@ class Attention(nn.Module):
             else:  # a chunk appended after a prefix: query i sees keys up to p + i
                 mask = torch.ones(T, p + T, dtype=torch.bool, device=x.device).tril(diagonal=p)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
+        y = y.transpose(1, 2).reshape(B, T, H * D)
+        return self.o_proj(y) if cache is None or cache.fused is None else y @ cache.fused.o[self.layer]
+
+    def fused_qkv(self, x, w_qkv, cos, sin_signed):
+        """q, k, v [B, H, T, D] from one matmul with the stacked weight; q and k normed and rotated together."""
+        B, T, _ = x.shape
+        H, D = self.cfg.n_head, self.cfg.head_dim
+        qkv = (x @ w_qkv).view(B, T, 3 * H, D)
+        qk = rms_norm(qkv[:, :, :2 * H], self.cfg.norm_eps).transpose(1, 2)
+        qk = qk * cos + qk.roll(D // 2, -1) * sin_signed  # rotate_half(x) * sin == roll(x) * signed sin
+        q, k = qk.split(H, dim=1)
+        return q, k, qkv[:, :, 2 * H:].transpose(1, 2)
 
 
 class MLP(nn.Module):
@@ -116,7 +149,10 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=False)
         self.down_proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=False)
 
-    def forward(self, x):
+    def forward(self, x, fused: tuple | None = None):
+        if fused is not None:  # decoding layout: ([gate | up], down), transposed
+            g, u = (x @ fused[0]).chunk(2, dim=-1)
+            return (F.silu(g) * u) @ fused[1]
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -129,7 +165,8 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, cache):
         x = x + self.attn(rms_norm(x, self.eps), cos, sin, cache)
-        return x + self.mlp(rms_norm(x, self.eps))
+        i, fused = self.attn.layer, cache.fused if cache is not None else None
+        return x + self.mlp(rms_norm(x, self.eps), (fused.gate_up[i], fused.down[i]) if fused is not None else None)
 
 
 class GPT(nn.Module):
@@ -144,6 +181,8 @@ class GPT(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("rope_cos", emb.cos(), persistent=False)
         self.register_buffer("rope_sin", emb.sin(), persistent=False)
+        sign = torch.cat((-torch.ones(cfg.head_dim // 2), torch.ones(cfg.head_dim // 2)))
+        self.register_buffer("rope_sin_signed", emb.sin() * sign, persistent=False)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -163,19 +202,56 @@ class GPT(nn.Module):
         pos = cache.pos if cache is not None else 0
         if pos + T > self.cfg.seq_len:
             raise ValueError(f"sequence of {pos + T} tokens is longer than the context ({self.cfg.seq_len})")
-        cos = self.rope_cos[pos:pos + T].to(self.embed.weight.dtype)
-        sin = self.rope_sin[pos:pos + T].to(self.embed.weight.dtype)
+        dtype = self.embed.weight.dtype
+        cos = self.rope_cos[pos:pos + T]
+        sin = (self.rope_sin_signed if cache is not None and cache.fused is not None else self.rope_sin)[pos:pos + T]
+        if cos.dtype != dtype:
+            cos, sin = cos.to(dtype), sin.to(dtype)
         x = self.embed(idx)
         for block in self.blocks:
             x = block(x, cos, sin, cache)
         if cache is not None:
             cache.pos += T
         x = rms_norm(x, self.cfg.norm_eps)
-        logits = self.lm_head(x)
+        logits = self.lm_head(x) if cache is None or cache.fused is None else x @ cache.fused.lm_head
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-1, reduction=reduction)
+
+    def decode_step(self, idx: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One new token per row: idx [B, 1] at position pos (a one-element LongTensor) → logits [B, V].
+        The whole preallocated cache is attended under a position mask, so no shape depends on the
+        position and torch.compile builds one graph for every step (engine.generate_batch(compile=True))."""
+        c, B, L = self.cfg, idx.size(0), cache.max_len
+        visible = torch.arange(L, device=idx.device) <= pos
+        mask = (visible.view(1, 1, 1, L) if cache.key_mask is None
+                else (visible & cache.key_mask).view(B, 1, 1, L))
+        dtype = self.embed.weight.dtype
+        cos = self.rope_cos.index_select(0, pos).to(dtype)
+        sin = self.rope_sin_signed.index_select(0, pos).to(dtype)
+        x = self.embed(idx)
+        w = cache.fused
+        for i, block in enumerate(self.blocks):
+            q, k, v = block.attn.fused_qkv(rms_norm(x, c.norm_eps), w.qkv[i], cos, sin)
+            cache.k_layers[i].index_copy_(2, pos, k)
+            cache.v_layers[i].index_copy_(2, pos, v)
+            y = F.scaled_dot_product_attention(q, cache.k_layers[i], cache.v_layers[i], attn_mask=mask)
+            x = x + y.transpose(1, 2).reshape(B, 1, c.n_head * c.head_dim) @ w.o[i]
+            x = x + block.mlp(rms_norm(x, c.norm_eps), (w.gate_up[i], w.down[i]))
+        return (rms_norm(x, c.norm_eps) @ w.lm_head)[:, -1]
+
+    @torch.no_grad()
+    def decode_weights(self) -> DecodeWeights:
+        """A copy of the matmul weights in the decoding layout (DecodeWeights), for a KVCache."""
+        def t(*ws):
+            return torch.cat(ws).t().contiguous()
+        a = [b.attn for b in self.blocks]
+        m = [b.mlp for b in self.blocks]
+        return DecodeWeights(qkv=[t(x.q_proj.weight, x.k_proj.weight, x.v_proj.weight) for x in a],
+                             o=[t(x.o_proj.weight) for x in a],
+                             gate_up=[t(x.gate_proj.weight, x.up_proj.weight) for x in m],
+                             down=[t(x.down_proj.weight) for x in m], lm_head=t(self.lm_head.weight))
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -127,23 +127,26 @@ def tokenize_pairs(tok: Tokenizer, pairs: list[dict], max_len: int) -> list[dict
 
 def world_pairs(policy: GPT, tok: Tokenizer, prompts: list[dict], rc: RMConfig, noise: float,
                 seed: int) -> tuple[list[dict], dict]:
-    """Two sampled replies per prompt, labelled by the rubric (flipped with probability noise); ties
-    within rc.margin are dropped. Returns the pairs and label statistics."""
-    samples = sample_completions(policy, tok, [p["prompt"] for p in prompts], 2, rc.max_new_tokens,
+    """rc.samples_per_prompt sampled replies per prompt, taken two by two into pairs, labelled by the
+    rubric (flipped with probability noise); ties within rc.margin are dropped. Returns the pairs and label
+    statistics."""
+    k = max(2, rc.samples_per_prompt - rc.samples_per_prompt % 2)
+    samples = sample_completions(policy, tok, [p["prompt"] for p in prompts], k, rc.max_new_tokens,
                                  rc.temperature, seed)
     rng = random.Random(seed)
     pairs, agree, ties = [], 0, 0
     for i, p in enumerate(prompts):
-        (pa, ca, ta, ea), (pb, cb, tb, eb) = samples[2 * i], samples[2 * i + 1]
-        label = rubric.label_pair(p["meta"], ta, tb, rng, noise, (ea, eb), rc.margin)
-        if label is None:
-            ties += 1
-            continue
-        true = rubric.label_pair(p["meta"], ta, tb, rng, 0.0, (ea, eb), rc.margin)
-        agree += label == true
-        (ci, ct), (ri, rt) = ((pa + ca, ta), (pb + cb, tb)) if label == 0 else ((pb + cb, tb), (pa + ca, ta))
-        pairs.append({"prompt": [{"role": "user", "content": p["prompt"]}], "chosen": ct, "rejected": rt,
-                      "chosen_ids": ci, "rejected_ids": ri, "meta": p["meta"]})
+        for j in range(0, k, 2):
+            (pa, ca, ta, ea), (pb, cb, tb, eb) = samples[k * i + j], samples[k * i + j + 1]
+            label = rubric.label_pair(p["meta"], ta, tb, rng, noise, (ea, eb), rc.margin)
+            if label is None:
+                ties += 1
+                continue
+            true = rubric.label_pair(p["meta"], ta, tb, rng, 0.0, (ea, eb), rc.margin)
+            agree += label == true
+            (ci, ct), (ri, rt) = ((pa + ca, ta), (pb + cb, tb)) if label == 0 else ((pb + cb, tb), (pa + ca, ta))
+            pairs.append({"prompt": [{"role": "user", "content": p["prompt"]}], "chosen": ct, "rejected": rt,
+                          "chosen_ids": ci, "rejected_ids": ri, "meta": p["meta"]})
     return pairs, {"ties_dropped": ties, "label_agreement": agree / max(1, len(pairs))}
 
 
