@@ -88,3 +88,19 @@ def test_guard_stops_training_and_keeps_the_best_gold_weights(smoke_run, copy_ru
     rc.guard, rc.kl_budget = False, -1.0
     out = run_rlhf(run, None, rc, tc)
     assert out["stop_reason"] == "completed" and out["stopped_step"] == 6 and out["saved_step"] == 6
+
+
+def test_no_guard_cli_trains_beside_the_guarded_run(smoke_run, copy_run):
+    """c2c rlhf --no-guard --kl 0 writes rlhf_noguard/ and leaves rlhf/, config.json and report.json alone;
+    report.md plots the unguarded curve and says where the guard would have stopped."""
+    from crawl2chat import cli
+    run = copy_run(smoke_run)
+    kept = {p: (run / p).read_bytes() for p in ("rlhf/metrics.json", "config.json", "report.json")}
+    cli.main(["rlhf", "--out", str(run), "--no-guard", "--kl", "0"])
+    assert {p: (run / p).read_bytes() for p in kept} == kept
+    m = json.loads((run / "rlhf_noguard" / "metrics.json").read_text())
+    assert m["guard"] is False and m["beta"] == 0.0 and m["stop_reason"] == "completed"
+    assert "guard_would_stop" in m and (run / "rlhf_noguard" / "model.safetensors").exists()
+    text = (run / "report.md").read_text()
+    assert "## reward hacking without the guard" in text and "| gold_before |" in text.split("without the guard")[1]
+    assert (run / "rlhf_noguard_curves.png").read_bytes()[:4] == b"\x89PNG"

@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--hh", default=None, metavar="FILE", help="an HH-RLHF {chosen, rejected} transcript file")
             p.add_argument("--max-pairs", type=int, default=None)
         if name == "rlhf":
-            p.add_argument("--no-guard", action="store_true", help="never stop early (to watch reward hacking)")
+            p.add_argument("--no-guard", action="store_true",
+                           help="never stop early, to watch reward hacking: trains into <run>/rlhf_noguard/ (the "
+                                "guarded rlhf/ and the saved config stay as they are); report.md plots it")
             p.add_argument("--kl", type=float, default=None, metavar="BETA", help="KL penalty to the start policy")
         if name in ("pretrain", "sft", "idk", "rl", "rm", "rlhf"):
             p.add_argument("--resume", action="store_true",
@@ -167,6 +169,9 @@ def cmd_stage(args) -> None:
     if args.command == "run":
         run_all(run_dir, cfg, until=args.until, force=args.force)
         return
+    if args.command == "rlhf" and args.no_guard:
+        noguard_rlhf(run_dir, cfg, resume=args.resume)
+        return
     if int(os.environ.get("RANK", 0)) == 0:
         save_config(run_dir, cfg)
     metrics = run_stage(args.command, run_dir, cfg, force=args.force, resume=getattr(args, "resume", False))
@@ -252,3 +257,19 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def noguard_rlhf(run_dir: Path, cfg, resume: bool = False) -> None:
+    """RLHF with the guard off into <run>/rlhf_noguard/, then report.md again (it plots that curve)."""
+    from crawl2chat.common import atomic_write_json
+    from crawl2chat.report import write_report
+    from crawl2chat.rlhf import run_rlhf
+    from crawl2chat.run import console
+    console.print(f"[bold]rlhf, no guard[/bold] → {run_dir / 'rlhf_noguard'}")
+    metrics = run_rlhf(run_dir, cfg, cfg.rlhf, cfg.rlhf_train, resume=resume, out_name="rlhf_noguard")
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
+    atomic_write_json(run_dir / "rlhf_noguard" / "metrics.json", metrics)
+    if (run_dir / "report.json").exists():
+        write_report(run_dir)
+    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}, indent=2))

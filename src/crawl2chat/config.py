@@ -123,7 +123,7 @@ class IDKConfig:
 
 
 def _idk_train() -> "TrainConfig":
-    return TrainConfig(steps=200, batch_size=16, lr=5e-4, warmup_steps=5, decay_frac=0.5,
+    return TrainConfig(steps=80, batch_size=16, lr=5e-4, warmup_steps=5, decay_frac=0.5,
                        eval_every=40, eval_batches=4, ckpt_every=40)
 
 
@@ -134,8 +134,8 @@ class RMConfig:
     hh: str = ""                  # an HH-RLHF {chosen, rejected} transcript file (.jsonl or .jsonl.gz)
     max_pairs: int = 0            # cap on pairs read from files (0 = all)
     heldout_fraction: float = 0.1  # file pairs held out for rm_acc
-    n_prompts: int = 300          # world: open-ended prompts whose sampled replies make labelled pairs
-    samples_per_prompt: int = 2   # world: replies sampled per prompt, paired two by two
+    n_prompts: int = 500          # world: open-ended prompts whose sampled replies make labelled pairs
+    samples_per_prompt: int = 4   # world: replies sampled per prompt, paired two by two
     n_heldout: int = 100          # world: held-out prompts (other entities) → rubric-labelled pairs
     noise: float = 0.1            # world: share of training labels flipped (human disagreement)
     margin: float = 0.05          # world: pairs whose rubric scores differ by less are ties, dropped
@@ -145,7 +145,7 @@ class RMConfig:
 
 
 def _rm_train() -> "TrainConfig":
-    return TrainConfig(steps=60, batch_size=16, lr=3e-4, warmup_steps=5, decay_frac=0.3, eval_every=20,
+    return TrainConfig(steps=100, batch_size=16, lr=3e-4, warmup_steps=5, decay_frac=0.3, eval_every=20,
                        ckpt_every=20, grad_clip=1.0)
 
 

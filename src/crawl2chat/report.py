@@ -131,7 +131,14 @@ def write_report(run_dir: Path) -> Path:
     hack = run_dir / "rlhf_noguard" / "metrics.jsonl"
     if hack.exists() and plot_curves(_rows(hack), CURVES["rlhf"][1], "rlhf without the guard and KL",
                                      run_dir / "rlhf_noguard_curves.png"):
-        lines += ["## reward hacking without the guard", "", "![no guard](rlhf_noguard_curves.png)", ""]
+        lines += ["## reward hacking without the guard", "", "`c2c rlhf --no-guard` (rlhf_noguard/).", "",
+                  "![no guard](rlhf_noguard_curves.png)", ""]
+        summary = run_dir / "rlhf_noguard" / "metrics.json"
+        if summary.exists():
+            keys = ("beta", "steps", "proxy_before", "proxy_after", "gold_before", "gold_after", "gold_peak_step",
+                    "guard_would_stop", "kl_after")
+            m = read_json(summary)
+            lines += _table({k: m[k] for k in keys if k in m}) + [""]
     out = run_dir / "report.md"
     atomic_write_text(out, "\n".join(lines))
     return out

@@ -97,10 +97,12 @@ def adversarial(evals: list[tuple[int, list[dict]]], k: int) -> list[dict]:
     return [{k2: v for k2, v in r.items() if k2 != "prompt_index"} for r in cands[:k]]
 
 
-def run_rlhf(run_dir: Path, cfg: Config, rlhf_cfg: RLHFConfig, train_cfg: TrainConfig, resume: bool = False) -> dict:
+def run_rlhf(run_dir: Path, cfg: Config, rlhf_cfg: RLHFConfig, train_cfg: TrainConfig, resume: bool = False,
+             out_name: str = "rlhf") -> dict:
+    """The stage into <run>/<out_name>/ (c2c rlhf --no-guard writes rlhf_noguard/, beside the guarded run)."""
     run_dir = Path(run_dir)
     rc, tc = rlhf_cfg, train_cfg
-    out = run_dir / "rlhf"
+    out = run_dir / out_name
     if tc.grad_accum < 1 or rc.prompts_per_step % tc.grad_accum:
         raise C2CError(f"rlhf.prompts_per_step ({rc.prompts_per_step}) must be a multiple of grad_accum ({tc.grad_accum})")
     tok = Tokenizer.load(run_dir / "tokenizer")
@@ -211,7 +213,9 @@ def run_rlhf(run_dir: Path, cfg: Config, rlhf_cfg: RLHFConfig, train_cfg: TrainC
         "proxy_before": before["proxy"], "proxy_after": after["proxy"], "kl_after": after["kl"],
         "words_before": before["resp_words"], "words_after": after["resp_words"],
         "stopped_step": state["stopped_step"] if state["stop"] else tc.steps, "stop_reason": state["stop"] or "completed",
-        "gold_peak_step": state["best_step"], "gold_peak": state["best_gold"], "saved_step": state["best_step"] if rc.guard else
+        "gold_peak_step": state["best_step"], "gold_peak": state["best_gold"],
+        "guard_would_stop": next((c["step"] for i, c in enumerate(curve) if i and guard_decision(curve[:i + 1], rc)), None),
+        "saved_step": state["best_step"] if rc.guard else
         (state["stopped_step"] if state["stop"] else tc.steps), "adversarial": len(adv), "eval_prompts": len(eval_set),
         "curve": curve})
     return summary
