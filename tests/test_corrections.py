@@ -29,6 +29,18 @@ def test_oracle_review_then_sft_on_corrections(smoke_run, copy_run, capsys):
     assert after > before  # the corrections joined the training mix
 
 
+def test_default_run_applies_one_oracle_round(smoke_run):
+    """c2c run's SFT reviews half-A answers, corrects the wrong ones and trains on: the effect is reported."""
+    sft = json.loads((smoke_run / "sft" / "metrics.json").read_text())
+    w = world.load_world(smoke_run / "world")
+    rows = [json.loads(line) for line in (smoke_run / "sft" / "review.jsonl").read_text().splitlines()]
+    assert sft["corrections_reviewed"] == len(rows) == len(w["splits"]["known_a"]) * len(world.ATTRIBUTES)
+    assert sft["corrections_wrong"] == sum(bool(r["corrected"]) for r in rows)
+    assert 0 <= sft["fact_qa_acc_before_corrections"] <= 1 and 0 <= sft["fact_qa_acc"] <= 1
+    steps = [json.loads(line)["step"] for line in (smoke_run / "sft" / "corrections" / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == sft["corrections_steps"] > 0
+
+
 def test_corrections_file_errors(tmp_path):
     f = tmp_path / "review.jsonl"
     f.write_text('{"prompt": "hi", "model_answer": "x", "corrected": "Hello!"}\n'

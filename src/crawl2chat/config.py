@@ -99,6 +99,9 @@ class ChatDataConfig:
     open_ended: int = 400         # open-ended requests with reference replies (the prompts RLHF trains on)
     corrections: str = ""         # a review file of expert corrections (c2c correct) to train on
     corrections_weight: int = 3   # times each correction is repeated in the SFT mix
+    oracle_rounds: int = 1        # world runs: rounds of oracle corrections after SFT (0 = none; 1 at most)
+    correction_steps: int = 40    # training steps of a correction round, on the mix plus the corrections
+    correction_lr: float = 3e-4
     seed: int = 0
 
 
@@ -248,7 +251,7 @@ def _smoke() -> Config:
     c.model = ModelConfig(depth=2, aspect_ratio=32, head_dim=32, seq_len=64)
     c.pretrain = TrainConfig(steps=30, batch_size=8, lr=3e-3, warmup_steps=5, eval_every=10,
                              eval_batches=2, ckpt_every=10, dtype="fp32")
-    c.chat_data = ChatDataConfig(max_math=20)
+    c.chat_data = ChatDataConfig(max_math=20, correction_steps=2)
     c.sft = TrainConfig(steps=10, batch_size=8, lr=1e-3, warmup_steps=2, eval_every=5, eval_batches=2,
                         ckpt_every=5, dtype="fp32")
     c.idk = IDKConfig(probe_people=3, k=2, m=1, known_search=3, n_bignum=3, eval_unknown=3, eval_people=2,

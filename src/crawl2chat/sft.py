@@ -3,6 +3,7 @@ only, packed into rows of the context length → a chat model."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -98,7 +99,42 @@ def run_sft(run_dir: Path, cfg: Config, resume: bool = False) -> dict:
     summary.update({f"pack_{k}": v for k, v in stats.items()})
     summary["epochs"] = loader.epoch_of(tc.steps, tc.grad_accum, summary["world_size"])
     summary["val_conversations"] = len(val_convs)
-    if dist_info()[0] == 0 and world is not None:
-        problems = [row for _, row in iter_jsonl(run_dir / "world" / "problems_test.jsonl")]
+    if world is None:
+        return summary
+    problems = [row for _, row in iter_jsonl(run_dir / "world" / "problems_test.jsonl")]
+    if cfg.chat_data.oracle_rounds > 0 and cfg.chat_data.correction_steps > 0 and not cfg.chat_data.corrections:
+        before = chat_evals(model.float().eval(), tok, world, problems) if dist_info()[0] == 0 else {}
+        summary.update({"fact_qa_acc_before_corrections": before.get("fact_qa_acc"),
+                        "arith_acc_before_corrections": before.get("arith_acc")})
+        summary.update(oracle_round(model, tok, world, run_dir, cfg, train_convs))
+    if dist_info()[0] == 0:
         summary.update(chat_evals(model.float().eval(), tok, world, problems))
     return summary
+
+
+def oracle_round(model, tok, world: dict, run_dir: Path, cfg: Config, train_convs: list) -> dict:
+    """One round of expert corrections with the world's ground truth as the expert: the model answers
+    the fact questions about half-A people (sft/review.jsonl), the wrong answers are corrected, and
+    training goes on for a few steps on the SFT mix plus the corrections (each corrections_weight
+    times). Every process computes the same greedy review, so the data agree under DDP."""
+    from crawl2chat.corrections import world_review
+    from crawl2chat.common import write_jsonl
+    from crawl2chat.train import save_model
+    data = cfg.chat_data
+    rows, stats = world_review(model.float().eval(), tok, world, oracle=True)
+    if dist_info()[0] == 0:
+        write_jsonl(run_dir / "sft" / "review.jsonl", rows)
+    fixes = [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["corrected"]}]
+             for r in rows if r["corrected"]]
+    T, pad = model.cfg.seq_len, tok.special_id("<|pad|>")
+    x, y, _ = pack([render(tok, c) for c in train_convs + fixes * data.corrections_weight], T, pad)
+    tc = replace(cfg.sft, steps=data.correction_steps, lr=data.correction_lr, warmup_steps=min(2, data.correction_steps),
+                 eval_every=0, ckpt_every=data.correction_steps)
+    loader = RowLoader(x, y, tc.batch_size, seed=tc.seed + 1)
+    train(model.train(), tc, run_dir / "sft" / "corrections",
+          lambda step, micro, rank, world_size: loader.batch(step, micro, tc.grad_accum, rank, world_size),
+          tokens_per_micro=tc.batch_size * T, desc="sft corrections")
+    if dist_info()[0] == 0:
+        save_model(model, run_dir / "sft")
+    return {"corrections_reviewed": stats["reviewed"], "corrections_wrong": stats["wrong"],
+            "corrections_steps": tc.steps}
