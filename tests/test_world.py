@@ -227,38 +227,3 @@ def test_load_errors(tmp_path):
     (tmp_path / "facts.json").write_text('{"people": []}')
     with pytest.raises(C2CError, match="facts.json"):
         load_world(tmp_path)
-
-
-def test_copy_pages(bigger):
-    """Record pages restate a fact read on the page; calculator pages copy operands into Python and its
-    output into the answer, with exact arithmetic; their one-off people share no word with the world's."""
-    pages = [d for d in bigger["documents"] if d["kind"] == "copy"]
-    assert len(pages) == WorldConfig().n_copy_pages and all(d["split"] == "train" for d in pages)
-    world_words = {w for p in bigger["people"] for w in p["name"].split()} | {t["name"] for t in bigger["towns"]}
-    records = [d for d in pages if "records." in d["url"]]
-    calcs = [d for d in pages if "pycalc." in d["url"]]
-    assert records and calcs
-    for d in records:
-        for para in d["text"].split("\n\n")[1:]:
-            record, short = para.split("\n")
-            assert record.startswith("Record: ") and short.startswith("In short: ")
-            name = " ".join(short[len("In short: "):].split()[:2])
-            assert name in record and not set(name.split()) & world_words
-            value = short.rstrip(".").split(" ")[-1]
-            assert value in record, para
-    for d in calcs:
-        for para in d["text"].split("\n\n")[1:]:
-            question, code, result = para.split("\n")
-            a, op, b = code.split(": ")[1].split()
-            assert a in question and b in question
-            c = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
-            assert result.endswith(f"The answer is {c}.") or result.endswith(f"the answer is {c}.")
-            assert result.count(str(c)) == 2
-
-
-def test_copy_pages_leave_the_rest_of_the_world_unchanged():
-    with_pages = build_world(WorldConfig(seed=7, **CFG, n_copy_pages=12))
-    without = build_world(WorldConfig(seed=7, **CFG, n_copy_pages=0))
-    for key in ("people", "towns", "companies", "problems", "bignum", "search_only_documents"):
-        assert with_pages[key] == without[key], key
-    assert [d for d in with_pages["documents"] if d["kind"] != "copy"] == without["documents"]

@@ -18,7 +18,6 @@ class WorldConfig:
     n_towns: int = 40
     n_companies: int = 40
     n_math_pages: int = 250       # worked arithmetic in prose
-    n_copy_pages: int = 300       # record and calculator pages that teach copying from the context
     n_problems_train: int = 2000  # word problems with integer answers
     n_problems_test: int = 200
     n_bignum_train: int = 400     # large-number problems that need the Python tool
@@ -244,7 +243,7 @@ def _tiny() -> Config:
 def _smoke() -> Config:
     c = Config(preset="smoke")
     c.world = WorldConfig(n_known=20, n_search_only=6, n_unknown=6, n_towns=8, n_companies=8,
-                          n_math_pages=20, n_copy_pages=10, n_problems_train=40, n_problems_test=10,
+                          n_math_pages=20, n_problems_train=40, n_problems_test=10,
                           n_bignum_train=10, n_bignum_test=5, val_fraction=0.05)
     c.data = DataConfig(quality=WORLD_QUALITY)
     c.tokenizer = TokenizerConfig(vocab_size=512)

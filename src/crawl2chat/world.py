@@ -5,10 +5,6 @@ people with five facts each, towns, companies, a pretraining corpus (biographies
 training templates, Q&A pages about half the known people, town/company pages, worked
 arithmetic), biographies of search-only people (for the search index only), and arithmetic
 word problems (small numbers, and 5+ digit numbers that need the Python tool).
-Copy pages teach reading from the context, which recall from the weights does not: record
-pages state facts about one-off people (never in any split) and restate one in the chat's
-answer phrasing; calculator pages copy a large-number problem's operands into a Python line
-and its output into the answer, the skills the search and Python tools need.
 
 Every fact sentence is "<prefix containing the full name> <value><rest>", so a fact prompt is
 the prefix (no trailing space) and its answer the value. A sixth, held-out template gives
@@ -321,76 +317,6 @@ def _bignum(rng: random.Random) -> dict:
     return {"question": _fill(story, a=a, b=b), "answer": c, "solution": f"{a} {op} {b} = {c}. The answer is {c}."}
 
 
-READING_TITLES = ["Record notes", "From the archive", "Reading notes: who is who", "Directory extracts"]
-CALC_TITLES = ["Calculator session", "Checking big sums with Python", "Python as a calculator"]
-
-
-def _one_off_person(rng: random.Random, words: _Words) -> dict:
-    """A person with fresh words for every value: never in any split, seen on one page only."""
-    gender = rng.choice("fm")
-    return {"name": f"{words.new(rng.choice([1, 2]), rng.choice(ENDINGS[gender]))} {words.new(2)}", "gender": gender,
-            "birth_year": str(rng.randint(1940, 2005)),
-            "home_town": words.new(rng.choice([2, 3]), rng.choice(ENDINGS["town"])),
-            "occupation": _article(rng.choice(OCCUPATIONS)),
-            "employer": f"{words.new(2)} {rng.choice(INDUSTRIES)[1]}", "university": f"the University of {words.new(2)}"}
-
-
-def _record_page(rng: random.Random, words: _Words) -> str:
-    """Facts about one-off people as a bio would state them, each followed by one restated as a fact answer."""
-    paras = []
-    for _ in range(rng.randint(2, 4)):
-        p, t = _one_off_person(rng, words), rng.randrange(len(TRAIN_TEMPLATES))
-        attrs = rng.sample(ATTRIBUTES, 2)
-        record = " ".join(_fill(_variant(TRAIN_TEMPLATES[t], a, p["name"], t), name=p["name"], value=p[a]) for a in attrs)
-        a = rng.choice(attrs)
-        paras.append(f"Record: {record}\nIn short: {_fill(TRAIN_TEMPLATES[0][a][0], name=p['name'], value=p[a])}")
-    return rng.choice(READING_TITLES) + "\n\n" + "\n\n".join(paras)
-
-
-CALC_STORIES = [
-    ("+", "{n} has {a} {item} and gets {b} more. How many {item} does {n} have?"),
-    ("+", "A shop sold {a} {item} last year and {b} this year. How many {item} is that in all?"),
-    ("-", "{n} had {a} {item} and gave {b} of them away. How many {item} are left?"),
-    ("-", "A store kept {a} {item}; {b} were sold. How many {item} does the store keep now?"),
-    ("*", "{n} packs {a} boxes with {b} {item} in each. How many {item} is that?"),
-    ("*", "A factory makes {a} {item} a day for {b} days. How many {item} does it make?"),
-]
-CALC_LINES = [("We type it into Python: {expr}", "Python prints {c}, so the answer is {c}."),
-              ("In a Python prompt: {expr}", "The output is {c}. The answer is {c}."),
-              ("Let Python work it out: {expr}", "It prints {c}. The answer is {c}.")]
-
-
-def _calculator_page(rng: random.Random) -> str:
-    """Large-number problems worked with Python: operands copied into the code, its output into the answer."""
-    paras = []
-    for _ in range(rng.randint(3, 5)):
-        op, story = rng.choice(CALC_STORIES if rng.random() < 0.7 else BIGNUM_STORIES)
-        a, b = rng.randint(10000, 999999), rng.randint(10000, 999999)
-        a, b = (max(a, b) + 10000, min(a, b)) if op == "-" else (a, b)
-        code, result = rng.choice(CALC_LINES)
-        paras.append(_fill(story, a=a, b=b, n=rng.choice(list(MATH_NAMES)), item=rng.choice(ITEMS)) + "\n" +
-                     _fill(code, expr=f"{a} {op} {b}") + "\n" + _fill(result, c=OPS[op](a, b)))
-    return rng.choice(CALC_TITLES) + "\n\n" + "\n\n".join(paras)
-
-
-def _copy_pages(cfg: WorldConfig, people: list, towns: list, companies: list) -> list[dict]:
-    """cfg.n_copy_pages record and calculator pages, from their own random stream (the rest of the world
-    does not change with their number); one-off names share no word with the world's."""
-    rng = random.Random(cfg.seed * 7919 + 1)
-    taken = {w for p in people for w in p["name"].split()} | {t["name"] for t in towns} | \
-            {t["region"] for t in towns} | {c["name"].split()[0] for c in companies}
-    words = _Words(rng, reserved=list(taken) + list(MATH_NAMES))
-    pages = []
-    for i in range(cfg.n_copy_pages):
-        if i % 2 == 0:
-            pages.append({"id": f"copy-{i:05d}", "url": f"https://records.example.org/note/{i}", "kind": "copy",
-                          "text": _record_page(rng, words), "split": "train"})
-        else:
-            pages.append({"id": f"copy-{i:05d}", "url": f"https://pycalc.example.com/session/{i}", "kind": "copy",
-                          "text": _calculator_page(rng), "split": "train"})
-    return pages
-
-
 def _problem_sets(make, n_train: int, n_test: int, rng: random.Random) -> dict:
     seen, out = set(), {"test": [], "train": []}
     for split, n in (("test", n_test), ("train", n_train)):
@@ -455,9 +381,6 @@ def build_world(cfg: WorldConfig) -> dict:
         for j in rng.sample(idx, min(n_val, len(idx) - 1) if idx else 0):
             docs[j]["split"] = "val"
     rng.shuffle(docs)
-    copy_rng = random.Random(cfg.seed * 7919 + 2)
-    for page in _copy_pages(cfg, people, towns, companies):
-        docs.insert(copy_rng.randint(0, len(docs)), page)
     return {"config": asdict(cfg), "attributes": list(ATTRIBUTES), "people": people, "towns": towns,
             "companies": companies, "splits": splits,
             "templates": {"train": TRAIN_TEMPLATES, "heldout": HELDOUT_TEMPLATE},
