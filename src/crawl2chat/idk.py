@@ -175,13 +175,15 @@ def search_tool(index_path: Path):
 
 # ---- evals ------------------------------------------------------------------------------------------
 
-def tool_replies(model, tok, convs: list[list[dict]], tools_map: dict, max_new_tokens: int = 64) -> list[str]:
-    """Greedy replies with tool calls run mid-stream; the reply's text parts joined."""
+def tool_replies(model, tok, convs: list[list[dict]], tools_map: dict, max_new_tokens: int = 64) -> list[tuple[str, str]]:
+    """Greedy replies with tool calls run mid-stream: (the reply's text parts joined, the whole reply
+    with its calls and outputs shown as [search: ...] [output: ...])."""
     out = []
     for c in convs:
         ids = render(tok, c, add_generation_prompt=True)[0]
         _, parts = generate_with_tools(model, tok, ids, max_new_tokens, tools_map)
-        out.append("".join(p["text"] for p in parts if p["type"] == "text"))
+        out.append(("".join(p["text"] for p in parts if p["type"] == "text"),
+                    " ".join(p["text"] if p["type"] == "text" else f"[{p['type']}: {p['text'].strip()}]" for p in parts)))
     return out
 
 
@@ -198,9 +200,10 @@ def honesty_evals(model, tok, unknown_qs: list[dict], known_qs: list[dict]) -> d
 
 def tool_evals(model, tok, search_qs: list[dict], bignum: list[dict], search_fn) -> dict:
     tools_map = {"search": search_fn, "python": tools.run_python}
-    with_tools = tool_replies(model, tok, [user(q["question"], TOOLS_SYSTEM) for q in search_qs], tools_map)
+    with_tools_full = tool_replies(model, tok, [user(q["question"], TOOLS_SYSTEM) for q in search_qs], tools_map)
     no_tools = [t for t, _ in chat_replies(model, tok, [user(q["question"]) for q in search_qs])]
-    py = tool_replies(model, tok, [user(p["question"], TOOLS_SYSTEM) for p in bignum], tools_map)
+    py_full = tool_replies(model, tok, [user(p["question"], TOOLS_SYSTEM) for p in bignum], tools_map)
+    with_tools, py = [t for t, _ in with_tools_full], [t for t, _ in py_full]
     no_py = [t for t, _ in chat_replies(model, tok, [user(p["question"]) for p in bignum])]
     gold = [final_answer(str(p["answer"])) for p in bignum]
     acc = lambda oks: sum(oks) / max(1, len(oks))  # noqa: E731
@@ -210,8 +213,8 @@ def tool_evals(model, tok, search_qs: list[dict], bignum: list[dict], search_fn)
             "bignum_acc_python": acc([same_number(final_answer(t), g) for t, g in zip(py, gold)]),
             "bignum_acc_no_python": acc([same_number(final_answer(t), g) for t, g in zip(no_py, gold)]),
             "bignum_n": len(bignum),
-            "tool_examples": [{"question": q["question"], "reply": t} for q, t in
-                              list(zip(search_qs, with_tools))[:3] + list(zip(bignum, py))[:2]]}
+            "tool_examples": [{"question": q["question"], "reply": full} for q, (_, full) in
+                              list(zip(search_qs, with_tools_full))[:3] + list(zip(bignum, py_full))[:2]]}
 
 
 # ---- the stage ----------------------------------------------------------------------------------------
