@@ -6,14 +6,14 @@ from pathlib import Path
 
 from crawl2chat.common import C2CError, atomic_write_text, read_json
 
-# stage → (folder, curves to plot from metrics.jsonl: (y key, label))
+# stage → (folder, curves to plot from metrics.jsonl: (y key, label[, "right": on a second y axis]))
 CURVES = {
     "pretrain": ("base", [("loss", "train loss"), ("val_loss", "val loss")]),
     "sft": ("sft", [("loss", "train loss"), ("val_loss", "val loss")]),
     "idk": ("idk", [("loss", "train loss"), ("val_loss", "val loss")]),
     "rl": ("rl", [("reward_mean", "reward (mean)"), ("accuracy", "rollout accuracy"), ("pass1", "held-out pass@1")]),
-    "rm": ("rm", [("loss", "train loss"), ("val_acc", "held-out pair accuracy")]),
-    "rlhf": ("rlhf", [("proxy", "reward model (proxy)"), ("gold", "rubric (gold)"), ("kl", "KL to start")]),
+    "rm": ("rm", [("loss", "train loss"), ("train_acc", "train pair accuracy"), ("rm_acc", "held-out pair accuracy")]),
+    "rlhf": ("rlhf", [("proxy", "reward model (proxy)"), ("gold", "rubric (gold)"), ("kl", "KL to start (right axis)", "right")]),
 }
 
 
@@ -36,21 +36,25 @@ def _plt():
     return plt
 
 
-def plot_curves(rows: list[dict], curves: list[tuple[str, str]], title: str, out: Path) -> bool:
-    series = [(label, [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))])
-              for key, label in curves]
-    series = [(label, pts) for label, pts in series if pts]
+def plot_curves(rows: list[dict], curves: list[tuple], title: str, out: Path) -> bool:
+    series = [(label, [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))], side)
+              for key, label, *side in curves]
+    series = [(label, pts, side) for label, pts, side in series if pts]
     if not series:
         return False
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.4), dpi=110)
-    for label, pts in series:
+    right = ax.twinx() if any(side for _, _, side in series) else None
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, pts, side) in enumerate(series):
         xs, ys = zip(*pts)
-        ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, markersize=3, label=label)
+        (right if side else ax).plot(xs, ys, marker="o" if len(pts) < 30 else None, markersize=3, label=label,
+                                     color=colors[i % len(colors)], linestyle="--" if side else "-")
     ax.set_xlabel("step")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    handles = [h for a in (ax, right) if a is not None for h in a.get_legend_handles_labels()[0]]
+    ax.legend(handles, [h.get_label() for h in handles], fontsize=8)
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
