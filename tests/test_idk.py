@@ -84,6 +84,24 @@ def test_python_conversation_uses_the_real_sandbox():
     assert idk.python_conversation(dict(pb, solution="no expression here"), idk.tools.run_python) is None
 
 
+def test_invented_people_are_nobody_and_get_abstentions():
+    from crawl2chat.config import WorldConfig
+    from crawl2chat.world import build_world
+    world = build_world(WorldConfig(n_known=20, n_search_only=6, n_unknown=6, n_towns=8, n_companies=8,
+                                    n_math_pages=2, n_problems_train=4, n_problems_test=2, n_bignum_train=2,
+                                    n_bignum_test=2))
+    qs = idk.invented_people_questions(world, 40, seed=0)
+    names = {p["name"] for p in world["people"]}
+    firsts, lasts = {n.split()[0] for n in names}, {n.split()[-1] for n in names}
+    assert len(qs) == 40 == len({q["name"] for q in qs})
+    for q in qs:
+        assert q["name"] not in names and q["name"] in q["question"] and q["known"] is False
+        assert q["name"].split()[0] in firsts and q["name"].split()[-1] in lasts  # recombined, not new words
+    assert qs == idk.invented_people_questions(world, 40, seed=0)
+    convs = idk.honesty_conversations(qs, {p["name"]: p for p in world["people"]})
+    assert all(idk.is_abstention(c[-1]["content"]) for c in convs)
+
+
 def test_split_people_is_disjoint_and_stable():
     world = {"splits": {"unknown": [f"p{i}" for i in range(10)]}}
     train, held = idk.split_people(world, "unknown", 0.3, seed=0)

@@ -219,6 +219,31 @@ def tool_evals(model, tok, search_qs: list[dict], bignum: list[dict], search_fn)
 
 # ---- the stage ----------------------------------------------------------------------------------------
 
+def invented_people_questions(world: dict, n: int, seed: int) -> list[dict]:
+    """Questions about n people who exist nowhere: first names and surnames of the world recombined
+    into names no person has (the held-out unknown people are such names too, but never these), one
+    attribute each. Their answer is always an abstention."""
+    rng = random.Random(f"{seed}:invented")
+    taken = {p["name"] for p in world["people"]}
+    firsts = sorted({p["name"].split()[0] for p in world["people"]})
+    lasts = sorted({p["name"].split()[-1] for p in world["people"]})
+    names: list[str] = []
+    for _ in range(n * 50):
+        if len(names) == n:
+            break
+        name = f"{rng.choice(firsts)} {rng.choice(lasts)}"
+        if name not in taken:
+            taken.add(name)
+            names.append(name)
+    attrs = world.get("attributes", world_mod.ATTRIBUTES)
+    out = []
+    for name in names:
+        attr = rng.choice(attrs)
+        out.append({"name": name, "attribute": attr, "known": False, "answer": "",
+                    "question": world_mod._fill(rng.choice(conv.FACT_QUESTIONS[attr]), name=name)})
+    return out
+
+
 def build_mix(run_dir: Path, cfg: Config, idk_cfg: IDKConfig, world: dict, probed: list[dict],
               unknown_train: list[str], search_train: list[str], search_fn) -> tuple[list, dict]:
     """The new conversations (tools off and on) plus the SFT replay, shuffled; and their counts."""
@@ -227,6 +252,8 @@ def build_mix(run_dir: Path, cfg: Config, idk_cfg: IDKConfig, world: dict, probe
     honest = honesty_conversations(probed, people, seed=idk_cfg.seed)
     unknown_qs = conv.fact_questions(world, unknown_train, seed=idk_cfg.seed + 1)
     honest += honesty_conversations([dict(q, known=False) for q in unknown_qs], people, seed=idk_cfg.seed + 1)
+    honest += honesty_conversations(invented_people_questions(world, idk_cfg.invented_people, idk_cfg.seed),
+                                    people, seed=idk_cfg.seed + 6)
     searching = conv.fact_questions(world, search_train, seed=idk_cfg.seed + 2)
     known_a = conv.fact_questions(world, world["splits"]["known_a"], seed=idk_cfg.seed + 3)
     searching += rng.sample(known_a, min(idk_cfg.known_search, len(known_a)))
