@@ -113,7 +113,7 @@ class IDKConfig:
     temperature: float = 1.0
     max_new_tokens: int = 24      # per probe sample (a fact sentence is about 15 tokens)
     unknown_train: float = 0.5    # share of unknown people trained on (the rest are held out)
-    invented_people: int = 0      # extra "I don't know" questions about names no person has
+    invented_people: int = 300    # extra "I don't know" questions about names no person has
     search_train: float = 0.5     # share of search-only people trained on (the rest are held out)
     known_search: int = 100       # tools-on fact questions about known_a people (they search too)
     n_bignum: int = 150           # bignum_train problems solved with Python
