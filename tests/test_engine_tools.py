@@ -168,3 +168,46 @@ def test_parts_from_odd_ids(tok):
     assert tool_parts_from_ids(tok, [S(tok, "python_start")] + tok.encode("2+")) == [
         {"type": "python", "text": "2+"}]
     assert tool_parts_from_ids(tok, []) == []
+
+
+def test_batched_tool_rounds_mask_outputs_and_respect_budgets(tok, monkeypatch):
+    """generate_with_tools_batch's rounds, with engine.generate scripted by prompt: a call's output is
+    appended and marked unsampled, the prompt goes on in the next round, the others stop."""
+    ps, pe, end = S(tok, "python_start"), S(tok, "python_end"), S(tok, "assistant_end")
+    calling, plain = prompt(tok, "what is two plus two?"), prompt(tok, "the cat sat")
+    call = [ps, *tok.encode("2+3"), pe]
+    output = [S(tok, "output_start"), *tok.encode("5"), S(tok, "output_end")]
+    script = {tuple(calling): call, tuple(calling + call + output): [*tok.encode(" five"), end],
+              tuple(plain): [*tok.encode(" hi"), end]}
+    seen = []
+
+    def fake_generate(model, prompts, max_new_tokens, **kw):
+        seen.append([list(p) for p in prompts])
+        return [script[tuple(p)] for p in prompts]
+    monkeypatch.setattr(engine, "generate", fake_generate)
+
+    class Model:
+        cfg = type("C", (), {"seq_len": 200})()
+    out = engine.generate_with_tools_batch(Model(), tok, [calling, plain], 50, {"python": run_python})
+    assert out[0] == (call + output + [*tok.encode(" five"), end],
+                      [1] * len(call) + [0] * len(output) + [1] * (len(tok.encode(" five")) + 1))
+    assert out[1] == ([*tok.encode(" hi"), end], [1] * (len(tok.encode(" hi")) + 1))
+    assert seen == [[calling, plain], [calling + call + output]]  # only the caller goes on
+
+    # a model that calls forever: max_new_tokens counts sampled ids only; calls past max_calls are refused
+    def always_call(model, prompts, max_new_tokens, **kw):
+        return [call[:max_new_tokens] for _ in prompts]
+    monkeypatch.setattr(engine, "generate", always_call)
+    ids, sampled = engine.generate_with_tools_batch(Model(), tok, [calling], 3 * len(call), {"python": run_python},
+                                                    max_calls=2)[0]
+    assert sum(sampled) == 3 * len(call)
+    assert tool_parts_from_ids(tok, ids)[-1] == {"type": "output", "text": "tool call limit reached"}
+
+
+def test_batched_tools_greedy_without_calls_equals_generate(tok, model):
+    ps = [prompt(tok, "the cat sat on the mat"), prompt(tok, "the river flows")]
+    stops = [S(tok, "assistant_end"), tok.bos_id]
+    want = generate(model, ps, 30, stop_ids=stops, ragged=True)
+    assert not {S(tok, "python_start"), S(tok, "search_start")} & {t for w in want for t in w}
+    got = engine.generate_with_tools_batch(model, tok, ps, 30, {})
+    assert [ids for ids, _ in got] == want and all(m == [1] * len(ids) for ids, m in got)

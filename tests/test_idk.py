@@ -76,12 +76,26 @@ def test_python_conversation_uses_the_real_sandbox():
     pb = {"question": "A stadium sold 506294 tickets on Saturday and 185629 on Sunday. How many in total?",
           "answer": 691923, "solution": "506294 + 185629 = 691923. The answer is 691923."}
     assert idk.python_expression(pb) == "506294 + 185629"
-    c = idk.python_conversation(pb, idk.tools.run_python)
+    c = idk.python_conversations([pb])[0]
     validate_messages(c)
     assert c[2]["content"] == [{"type": "python", "text": "506294 + 185629"}, {"type": "output", "text": "691923"},
                                {"type": "text", "text": "The answer is 691923."}]
-    assert idk.python_conversation(dict(pb, answer=5), idk.tools.run_python) is None  # tool and gold disagree
-    assert idk.python_conversation(dict(pb, solution="no expression here"), idk.tools.run_python) is None
+    assert idk.python_conversations([dict(pb, answer=5)]) == []  # tool and gold disagree
+    assert idk.python_conversations([dict(pb, solution="no expression here")]) == []
+
+
+def test_stepwise_python_conversation_computes_every_step():
+    pb = {"question": "Hugo has 32 coins. Then he gives away 15. Then the number of coins triples. How many?",
+          "answer": 51, "solution": "Hugo starts with 32 coins. He gives away 15: 32 - 15 = 17. The number of "
+                                    "coins is multiplied by 3: 17 * 3 = 51. The answer is 51."}
+    c = idk.stepwise_python_conversation(pb)
+    validate_messages(c)
+    parts = c[-1]["content"]
+    assert [p["text"] for p in parts if p["type"] == "python"] == ["32 - 15", "17 * 3"]
+    assert [p["text"] for p in parts if p["type"] == "output"] == ["17", "51"]
+    assert "".join(p["text"] for p in parts if p["type"] == "text").endswith("= 51. The answer is 51.")
+    assert idk.stepwise_python_conversation(dict(pb, solution=pb["solution"].replace("= 17", "= 18"))) is None
+    assert idk.stepwise_python_conversation(dict(pb, solution="No steps. The answer is 51.")) is None
 
 
 def test_invented_people_are_nobody_and_get_abstentions():
@@ -138,7 +152,7 @@ def test_run_idk_end_to_end(smoke_run, copy_run, tmp_path):
     questions.write_text(json.dumps({"question": "What is the capital of France?", "answer": "Paris"}) + "\n")
     cfg = get_preset("smoke")
     icfg = idk.IDKConfig(questions=[str(questions)], probe_people=3, k=2, m=1, max_new_tokens=12, known_search=3,
-                         n_bignum=3, eval_people=2, eval_search=3, eval_bignum=2)
+                         n_bignum=3, n_word_python=4, eval_people=2, eval_search=3, eval_bignum=2)
     tc = TrainConfig(steps=3, batch_size=4, lr=1e-4, warmup_steps=1, eval_every=3, eval_batches=1,
                      ckpt_every=3, dtype="fp32")
     out = idk.run_idk(run, cfg, icfg, tc)
@@ -154,5 +168,5 @@ def test_run_idk_end_to_end(smoke_run, copy_run, tmp_path):
         assert 0.0 <= out[key] <= 1.0, key
     assert out["known_n"] == 2 * 5 and out["search_n"] == 3 and out["bignum_n"] == 2
     assert out["halluc_n"] == 5 * out["unknown_heldout_people"] > 0
-    assert out["python_convs"] == 3 and out["search_convs"] > 0 and out["replay_convs"] > 0
+    assert out["python_convs"] == 3 and out["word_python_convs"] == 4 and out["search_convs"] > 0 and out["replay_convs"] > 0
     assert out["steps"] == 3 and out["examples_after"] and out["tool_examples"]

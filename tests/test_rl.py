@@ -145,3 +145,20 @@ def test_rl_stage_on_the_smoke_run(smoke_run):
         assert all(key in r and math.isfinite(r[key]) for r in rows), key
     assert any("pass1" in r for r in rows)
     assert (smoke_run / "rl" / "model.safetensors").exists()
+    assert rl["tools"] is True and 0.0 <= rl["tool_use_before"] <= 1.0 and "tool_calls" in rows[0]
+
+
+def test_tool_outputs_are_left_out_of_the_loss():
+    from crawl2chat.model import GPT, GPTConfig
+    from crawl2chat.rl import completion_logp
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_depth(1, 50, 32, aspect_ratio=32, head_dim=32)).eval()
+    seqs, plens = [[1, 2, 3, 4, 5, 6, 7], [1, 2, 8, 9]], [3, 2]
+    sampled = [[1, 0, 0, 1], [1, 1]]  # the first completion's 2nd and 3rd ids are a tool's output
+    with torch.no_grad():
+        full, full_mask = completion_logp(model, seqs, plens, 0, "cpu")
+        lp, mask = completion_logp(model, seqs, plens, 0, "cpu", sampled)
+    assert full_mask.sum() == 6 and mask.sum() == 4
+    assert mask[0].tolist() == [False, False, True, False, False, True]
+    assert (lp[0, 3:5] == 0).all() and lp[0, 2] == full[0, 2] and lp[0, 5] == full[0, 5]
+    assert torch.equal(lp[1], full[1])

@@ -170,6 +170,19 @@ def test_python_value_print_and_error():
     assert tools.run_python("import sys\nsys.exit(3)") == "(exit status 3)"
 
 
+def test_literal_arithmetic_answers_as_the_sandbox_does():
+    same = ["838506 + 705660", "1 - 90000", "(3+4)*2", "-5*-3", "12", "+7", "123456789 * 987654321 * 11",
+            "((2 + 3) * (4 - 9))", "1 +  2\n"]
+    for code in same:
+        want = tools.run_python(code, fast=False)
+        assert tools.literal_arithmetic(code) == want, code
+        assert tools.run_python(code) == want
+    # anything else goes to the sandbox: powers, division, names, errors, indented code
+    for code in ["2**10", "7/2", "a + 1", "1 +", "((1)", " 1 + 2", "007", "1\n2", "", "9" * 300]:
+        assert tools.literal_arithmetic(code) is None, code
+        assert tools.run_python(code) == tools.run_python(code, fast=False)
+
+
 def test_python_wall_clock_and_cpu_timeouts():
     out = tools.run_python("import time\ntime.sleep(30)", timeout_s=1.0)
     assert out == "timeout: the code ran longer than 1 s and was stopped"

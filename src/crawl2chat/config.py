@@ -13,14 +13,14 @@ from crawl2chat.common import C2CError
 class WorldConfig:
     seed: int = 1337
     n_known: int = 300            # people in the pretraining corpus (split in halves A and B)
-    n_search_only: int = 60       # pages only in the search index
+    n_search_only: int = 600      # pages only in the search index (their own random stream)
     n_unknown: int = 100          # nowhere
     n_towns: int = 40
     n_companies: int = 40
     n_math_pages: int = 250       # worked arithmetic in prose
     n_problems_train: int = 2000  # word problems with integer answers
     n_problems_test: int = 200
-    n_bignum_train: int = 400     # large-number problems that need the Python tool
+    n_bignum_train: int = 4000    # large-number problems that need the Python tool
     n_bignum_test: int = 100
     val_fraction: float = 0.1     # share of town/company/math pages held out for val loss / bits per byte
 
@@ -114,9 +114,11 @@ class IDKConfig:
     max_new_tokens: int = 24      # per probe sample (a fact sentence is about 15 tokens)
     unknown_train: float = 0.5    # share of unknown people trained on (the rest are held out)
     invented_people: int = 300    # extra "I don't know" questions about names no person has
+    invented_search: int = 300    # tools-on questions about further invented names: search, find nobody
     search_train: float = 0.5     # share of search-only people trained on (the rest are held out)
     known_search: int = 100       # tools-on fact questions about known_a people (they search too)
-    n_bignum: int = 150           # bignum_train problems solved with Python
+    n_bignum: int = 0             # bignum_train problems solved with Python (0 = all)
+    n_word_python: int = 200      # word problems (problems_train) worked with a Python call per step
     replay: float = 0.3           # share of SFT conversations in the training mix
     eval_unknown: int = 100       # held-out unknown-people questions for halluc_rate; 0 = all
     eval_people: int = 40         # known_b people for known_acc (× 5 attributes); 0 = all
@@ -127,8 +129,8 @@ class IDKConfig:
 
 
 def _idk_train() -> "TrainConfig":
-    return TrainConfig(steps=80, batch_size=16, lr=5e-4, warmup_steps=5, decay_frac=0.5,
-                       eval_every=40, eval_batches=4, ckpt_every=40)
+    return TrainConfig(steps=250, batch_size=16, lr=5e-4, warmup_steps=5, decay_frac=0.5,
+                       eval_every=50, eval_batches=4, ckpt_every=50)
 
 
 @dataclass
@@ -199,6 +201,8 @@ class GRPOConfig:
     format_reward: float = 0.1    # for ending with "The answer is N." and the end token
     brevity_reward: float = 0.1   # × the unused share of the token budget, correct answers only
     pass_k: int = 8
+    tools: bool = True            # the python tool in rollouts and evals (the system message the idk stage
+    #                               taught tools with); its outputs are in the context, never in the loss
     seed: int = 0
 
 
@@ -254,8 +258,8 @@ def _smoke() -> Config:
     c.chat_data = ChatDataConfig(max_math=20, correction_steps=2)
     c.sft = TrainConfig(steps=10, batch_size=8, lr=1e-3, warmup_steps=2, eval_every=5, eval_batches=2,
                         ckpt_every=5, dtype="fp32")
-    c.idk = IDKConfig(probe_people=3, k=2, m=1, known_search=3, n_bignum=3, eval_unknown=3, eval_people=2,
-                      eval_search=3, eval_bignum=2)
+    c.idk = IDKConfig(probe_people=3, k=2, m=1, known_search=3, n_bignum=3, n_word_python=5, invented_search=3,
+                      eval_unknown=3, eval_people=2, eval_search=3, eval_bignum=2)
     c.idk_train = TrainConfig(steps=3, batch_size=4, lr=1e-4, warmup_steps=1, eval_every=3, eval_batches=1,
                               ckpt_every=3, dtype="fp32")
     c.grpo = GRPOConfig(prompts_per_step=4, group_size=4, max_new_tokens=24, eval_problems=6, pass_k=2)

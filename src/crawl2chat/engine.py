@@ -3,6 +3,7 @@ so no padding enters attention and batched output equals one-by-one output."""
 from __future__ import annotations
 
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from collections import defaultdict
 from typing import Callable, Sequence
 
@@ -250,3 +251,68 @@ def generate_with_tools(model: GPT, tok, prompt_ids: Sequence[int], max_new_toke
             logits = model(torch.tensor([feed], dtype=torch.long, device=device), cache=cache)[:, -1]
     model.train(was_training)
     return new, tool_parts_from_ids(tok, new)
+
+
+def generate_with_tools_batch(model: GPT, tok, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                              tools: dict[str, Callable[[str], str]], *, max_calls: int = 4,
+                              batch_size: int = 256, **kwargs) -> list[tuple[list[int], list[int]]]:
+    """generate_with_tools for many prompts at once, as RL rollouts need: every prompt is generated until
+    it ends or closes a call (batched, ragged); the calls of a round run in a thread pool; their outputs
+    are appended and the prompts with a call go on in the next round (re-prefilled). max_new_tokens
+    counts sampled tokens only. Returns per prompt (new ids, sampled) where sampled[j] is 1 for an id
+    the model sampled and 0 for an injected tool output id (a loss must not train on those)."""
+    sid = tok.special_id
+    ends = {sid(e): kind for kind, e in _ENDS.items()}
+    starts = {sid(s): kind for s, kind in _CALLS.items()}
+    stop_ids = [sid("<|assistant_end|>"), tok.bos_id, *ends]
+    out_start, out_end = sid("<|output_start|>"), sid("<|output_end|>")
+    limit = model.cfg.seq_len
+    new: list[list[int]] = [[] for _ in prompts]
+    sampled: list[list[int]] = [[] for _ in prompts]
+    calls = [0] * len(prompts)
+    active = [i for i, p in enumerate(prompts) if p and len(p) < limit and max_new_tokens > 0]
+
+    def budget(i: int) -> int:
+        return min(max_new_tokens - sum(sampled[i]), limit - len(prompts[i]) - len(new[i]))
+
+    def open_call(i: int) -> int:
+        """Where the call that new[i]'s last id closes starts; -1 when that id closes nothing (as in
+        generate_with_tools, a stray end delimiter is then just a token)."""
+        ids, j = new[i], len(new[i]) - 2
+        while j >= 0 and ids[j] not in starts and ids[j] not in ends and ids[j] != out_end:
+            j -= 1
+        return j if j >= 0 and starts.get(ids[j]) == ends[ids[-1]] else -1
+
+    def run_call(i: int) -> str:
+        start, kind = open_call(i), ends[new[i][-1]]
+        calls[i] += 1
+        if calls[i] > max_calls:
+            return "tool call limit reached"
+        if kind not in tools:
+            return "tool not available"
+        try:
+            return str(tools[kind](tok.decode(new[i][start + 1:-1])))
+        except Exception as e:  # a tool's failure is the model's observation, not a crash
+            return f"tool error: {e}"
+
+    with ThreadPoolExecutor(4) as pool:
+        while active:
+            outs = generate(model, [list(prompts[i]) + new[i] for i in active], max(budget(i) for i in active),
+                            ragged=True, batch_size=batch_size, stop_ids=stop_ids, **kwargs)
+            called, stray = [], []
+            for i, o in zip(active, outs):
+                o = o[:budget(i)]
+                new[i] += o
+                sampled[i] += [1] * len(o)
+                if o and o[-1] in ends:
+                    (called if open_call(i) >= 0 else stray).append(i)
+            for i, result in zip(called, pool.map(run_call, called)):
+                room = limit - len(prompts[i]) - len(new[i]) - 1  # keep one position for the next token
+                if room < 2:
+                    continue
+                output = [out_start] + tok.encode(result)[:room - 2] + [out_end]
+                new[i] += output
+                sampled[i] += [0] * len(output)
+            active = [i for i in called if new[i][-1] == out_end] + stray
+            active = [i for i in sorted(active) if budget(i) > 0]
+    return list(zip(new, sampled))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import random
 import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -155,16 +154,41 @@ def python_expression(problem: dict) -> str | None:
     return m.group(1) if m else None
 
 
-def python_conversation(problem: dict, python_fn) -> list[dict] | None:
-    expr = python_expression(problem)
-    if expr is None:
+def python_conversations(problems: list[dict], python_fn=None) -> list[list[dict]]:
+    """Tools on: a large-number problem solved by calling Python on its expression, the answer read off
+    the output. Problems whose output is not their answer are left out: never teach an answer the tool
+    did not give."""
+    rows = [(p, e) for p in problems if (e := python_expression(p)) is not None]
+    convs = []
+    for (problem, expr), result in zip(rows, map(python_fn or tools.run_python, (e for _, e in rows))):
+        if not same_number(final_answer(result), final_answer(str(problem["answer"]))):
+            continue
+        convs.append(user(problem["question"], TOOLS_SYSTEM) + [{"role": "assistant", "content": [
+            {"type": "python", "text": expr}, {"type": "output", "text": result},
+            {"type": "text", "text": f"The answer is {result.strip()}."}]}])
+    return convs
+
+
+_STEP = re.compile(r"(-?\d+ [+\-*] \d+) = (-?\d+)")
+
+
+def stepwise_python_conversation(problem: dict, python_fn=None) -> list[dict] | None:
+    """Tools on: a word problem's worked solution with every step computed by a Python call
+    ("... 8 * 12 = 96." → "... [python: 8 * 12] [output: 96] = 96."); None when the solution has no
+    step or a step's output is not the number it states."""
+    python_fn = python_fn or tools.run_python
+    text, parts, at = problem.get("solution") or "", [], 0
+    for m in _STEP.finditer(text):
+        result = python_fn(m.group(1))
+        if result.strip() != m.group(2):
+            return None
+        parts += [{"type": "text", "text": text[at:m.start()]}, {"type": "python", "text": m.group(1)},
+                  {"type": "output", "text": result}]
+        at = m.end(1)
+    if not parts:
         return None
-    result = python_fn(expr)
-    if not same_number(final_answer(result), final_answer(str(problem["answer"]))):
-        return None  # never teach an answer the tool did not give
-    return user(problem["question"], TOOLS_SYSTEM) + [{"role": "assistant", "content": [
-        {"type": "python", "text": expr}, {"type": "output", "text": result},
-        {"type": "text", "text": f"The answer is {result.strip()}."}]}]
+    parts.append({"type": "text", "text": text[at:]})
+    return user(problem["question"], TOOLS_SYSTEM) + [{"role": "assistant", "content": [p for p in parts if p["text"]]}]
 
 
 def search_tool(index_path: Path):
@@ -252,25 +276,30 @@ def build_mix(run_dir: Path, cfg: Config, idk_cfg: IDKConfig, world: dict, probe
     honest = honesty_conversations(probed, people, seed=idk_cfg.seed)
     unknown_qs = conv.fact_questions(world, unknown_train, seed=idk_cfg.seed + 1)
     honest += honesty_conversations([dict(q, known=False) for q in unknown_qs], people, seed=idk_cfg.seed + 1)
-    honest += honesty_conversations(invented_people_questions(world, idk_cfg.invented_people, idk_cfg.seed),
-                                    people, seed=idk_cfg.seed + 6)
+    invented = invented_people_questions(world, idk_cfg.invented_people + idk_cfg.invented_search, idk_cfg.seed)
+    honest += honesty_conversations(invented[:idk_cfg.invented_people], people, seed=idk_cfg.seed + 6)
     searching = conv.fact_questions(world, search_train, seed=idk_cfg.seed + 2)
     known_a = conv.fact_questions(world, world["splits"]["known_a"], seed=idk_cfg.seed + 3)
     searching += rng.sample(known_a, min(idk_cfg.known_search, len(known_a)))
     searching += unknown_qs[::5]  # tools on, unknown people: the search finds nothing about them
-    search_convs = [search_conversation(q, people[q["name"]], search_fn, rng) for q in searching]
-    bignum = [row for _, row in iter_jsonl(run_dir / "world" / "bignum_train.jsonl")][:idk_cfg.n_bignum] \
+    # tools on, invented people: many names never seen, copied into the query; the search finds nobody
+    searching += invented[idk_cfg.invented_people:]
+    nobody = lambda q: {"name": q["name"], q["attribute"]: "\0"}  # noqa: E731
+    search_convs = [search_conversation(q, people.get(q["name"]) or nobody(q), search_fn, rng) for q in searching]
+    bignum = [row for _, row in iter_jsonl(run_dir / "world" / "bignum_train.jsonl")][:idk_cfg.n_bignum or None] \
         if (run_dir / "world" / "bignum_train.jsonl").exists() else []
-    with ThreadPoolExecutor(4) as pool:  # each call is a sandboxed process: mostly waiting
-        python_convs = [c for c in pool.map(lambda p: python_conversation(p, tools.run_python), bignum) if c]
-    new = honest + search_convs + python_convs
+    python_convs = python_conversations(bignum)
+    problems = [row for _, row in iter_jsonl(run_dir / "world" / "problems_train.jsonl")][:idk_cfg.n_word_python] \
+        if (run_dir / "world" / "problems_train.jsonl").exists() and idk_cfg.n_word_python else []
+    word_convs = [c for c in map(stepwise_python_conversation, problems) if c]
+    new = honest + search_convs + python_convs + word_convs
     from crawl2chat.sft import load_conversations
     sft_convs = load_conversations(run_dir, cfg, world)
     n_replay = min(len(sft_convs), round(len(new) * idk_cfg.replay / max(1e-9, 1 - idk_cfg.replay)))
     mix = new + rng.sample(sft_convs, n_replay)
     rng.shuffle(mix)
     return mix, {"honesty_convs": len(honest), "search_convs": len(search_convs),
-                 "python_convs": len(python_convs), "replay_convs": n_replay}
+                 "python_convs": len(python_convs), "word_python_convs": len(word_convs), "replay_convs": n_replay}
 
 
 def run_idk(run_dir: Path, cfg: Config, idk_cfg: IDKConfig, train_cfg: TrainConfig, resume: bool = False) -> dict:

@@ -11,7 +11,8 @@ CURVES = {
     "pretrain": ("base", [("loss", "train loss"), ("val_loss", "val loss")]),
     "sft": ("sft", [("loss", "train loss"), ("val_loss", "val loss")]),
     "idk": ("idk", [("loss", "train loss"), ("val_loss", "val loss")]),
-    "rl": ("rl", [("reward_mean", "reward (mean)"), ("accuracy", "rollout accuracy"), ("pass1", "held-out pass@1")]),
+    "rl": ("rl", [("reward_mean", "reward (mean)"), ("accuracy", "rollout accuracy"), ("pass1", "held-out pass@1"),
+                  ("tool_calls", "python calls per reply (right axis)", "right")]),
     "rm": ("rm", [("loss", "train loss"), ("train_acc", "train pair accuracy"), ("rm_acc", "held-out pair accuracy")]),
     "rlhf": ("rlhf", [("proxy", "reward model (proxy)"), ("gold", "rubric (gold)"), ("kl", "KL to start (right axis)", "right")]),
 }

@@ -15,7 +15,7 @@ import torch
 from crawl2chat.chat_template import render
 from crawl2chat.common import C2CError, dist_info
 from crawl2chat.config import Config, GRPOConfig
-from crawl2chat.engine import fit_prompt, generate
+from crawl2chat.engine import fit_prompt, generate, generate_with_tools_batch, tool_parts_from_ids
 from crawl2chat.problems import final_answer, load_problems, same_number
 from crawl2chat.tokenizer import Tokenizer
 from crawl2chat.train import load_model, train
@@ -81,17 +81,22 @@ class Rollouts:
     old_logp: list[torch.Tensor] | None
     ref_logp: list[torch.Tensor] | None
     stats: dict
+    sampled: list[list[int]] | None = None  # per completion id: 1 sampled, 0 a tool's output (never trained)
 
 
 def completion_logp(model, seqs: list[list[int]], prompt_lens: list[int], pad_id: int,
-                    device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities of each completion token under `model`: [B, T-1] (0 on prompt/padding), and the mask."""
+                    device, sampled: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of each completion token under `model`: [B, T-1] (0 on prompt/padding and on
+    tool outputs, where sampled is 0), and the mask."""
     T = max(len(s) for s in seqs)
     x = torch.full((len(seqs), T - 1), pad_id, dtype=torch.long)
     y = torch.full((len(seqs), T - 1), -1, dtype=torch.long)
     for i, (s, p) in enumerate(zip(seqs, prompt_lens)):
         x[i, :len(s) - 1] = torch.tensor(s[:-1])
-        y[i, p - 1:len(s) - 1] = torch.tensor(s[p:])
+        target = torch.tensor(s[p:])
+        if sampled is not None:
+            target = torch.where(torch.tensor(sampled[i], dtype=torch.bool), target, -1)
+        y[i, p - 1:len(s) - 1] = target
     x, y = x.to(device), y.to(device)
     nats = model(x, y, reduction="none").view(len(seqs), T - 1)
     mask = (y >= 0)
@@ -99,77 +104,111 @@ def completion_logp(model, seqs: list[list[int]], prompt_lens: list[int], pad_id
 
 
 @torch.no_grad()
-def per_token_logp(model, seqs, prompt_lens, pad_id: int, device, chunk: int = 32) -> list[torch.Tensor]:
+def per_token_logp(model, seqs, prompt_lens, pad_id: int, device, chunk: int = 32,
+                   sampled: list[list[int]] | None = None) -> list[torch.Tensor]:
     """completion_logp for many sequences, in chunks, each row trimmed to its own length."""
     out = []
     for s in range(0, len(seqs), chunk):
-        lp, _ = completion_logp(model, seqs[s:s + chunk], prompt_lens[s:s + chunk], pad_id, device)
+        lp, _ = completion_logp(model, seqs[s:s + chunk], prompt_lens[s:s + chunk], pad_id, device,
+                                sampled[s:s + chunk] if sampled is not None else None)
         out += [row[:len(seq) - 1].float().cpu() for row, seq in zip(lp, seqs[s:s + chunk])]
     return out
 
 
-def prompt_ids(tok: Tokenizer, question: str, max_len: int) -> list[int]:
-    ids, _ = render(tok, [{"role": "user", "content": question}], add_generation_prompt=True)
+def prompt_ids(tok: Tokenizer, question: str, max_len: int, tools: bool = False) -> list[int]:
+    from crawl2chat.idk import TOOLS_SYSTEM  # the system message the tools were taught with
+    system = [{"role": "system", "content": TOOLS_SYSTEM}] if tools else []
+    ids, _ = render(tok, system + [{"role": "user", "content": question}], add_generation_prompt=True)
     return fit_prompt(ids, max_len, tok.bos_id)
 
 
 def sample_completions(model, tok: Tokenizer, questions: list[str], n: int, max_new_tokens: int,
                        temperature: float, seed: int) -> list[tuple[list[int], list[int], str, bool]]:
     """n sampled completions per question (greedy when temperature is 0): (prompt, completion ids, text, ended)."""
+    return [s[:4] for s in sample_replies(model, tok, questions, n, max_new_tokens, temperature, seed)]
+
+
+def sample_replies(model, tok: Tokenizer, questions: list[str], n: int, max_new_tokens: int,
+                   temperature: float, seed: int, tools: bool = False) -> list[tuple]:
+    """sample_completions, with a fifth field: with tools the python tool runs mid-generation, text is
+    the reply's own text (tool calls and outputs left out) and sampled marks the ids the model sampled
+    (1) against the tool's output (0); without tools sampled is None."""
     end = tok.special_id("<|assistant_end|>")
     budget = model.cfg.seq_len - max_new_tokens
-    prompts = [prompt_ids(tok, q, budget) for q in questions for _ in range(n)]
+    prompts = [prompt_ids(tok, q, budget, tools) for q in questions for _ in range(n)]
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    outs = generate(model, prompts, max_new_tokens, temperature=temperature, stop_ids=[end, tok.bos_id],
-                    generator=gen, ragged=True, batch_size=256)
-    return [(p, o, tok.decode([t for t in o if t not in (end, tok.bos_id)]), bool(o) and o[-1] == end)
-            for p, o in zip(prompts, outs)]
+    if not tools:
+        outs = generate(model, prompts, max_new_tokens, temperature=temperature, stop_ids=[end, tok.bos_id],
+                        generator=gen, ragged=True, batch_size=256)
+        return [(p, o, tok.decode([t for t in o if t not in (end, tok.bos_id)]), bool(o) and o[-1] == end, None)
+                for p, o in zip(prompts, outs)]
+    from crawl2chat.tools import run_python
+    outs = generate_with_tools_batch(model, tok, prompts, max_new_tokens, {"python": run_python},
+                                     temperature=temperature, generator=gen)
+    return [(p, o, "".join(x["text"] for x in tool_parts_from_ids(tok, o) if x["type"] == "text"),
+             bool(o) and o[-1] == end, m) for p, (o, m) in zip(prompts, outs)]
 
 
 def make_rollouts(policy, ref, tok: Tokenizer, problems: list[dict], g: GRPOConfig, seed: int, device) -> Rollouts:
     t0 = time.perf_counter()
-    samples = sample_completions(policy, tok, [p["question"] for p in problems], g.group_size,
-                                 g.max_new_tokens, g.temperature, seed)
+    samples = sample_replies(policy, tok, [p["question"] for p in problems], g.group_size,
+                             g.max_new_tokens, g.temperature, seed, g.tools)
     gen_s = time.perf_counter() - t0
     rewards, correct, lengths = [], [], []
-    for i, (_, comp, text, ended) in enumerate(samples):
-        r, ok = reward(text, ended, len(comp), problems[i // g.group_size]["answer"], g)
+    for i, (_, comp, text, ended, m) in enumerate(samples):
+        r, ok = reward(text, ended, sum(m) if m is not None else len(comp), problems[i // g.group_size]["answer"], g)
         rewards.append(r)
         correct.append(ok)
         lengths.append(len(comp))
     R = torch.tensor(rewards).view(len(problems), g.group_size)
     adv = group_advantages(R, g.scale_std).view(-1)
-    seqs = [p + c for p, c, _, _ in samples]
-    plens = [len(p) for p, _, _, _ in samples]
+    seqs = [p + c for p, c, _, _, _ in samples]
+    plens = [len(p) for p, _, _, _, _ in samples]
     keep = [i for i, c in enumerate(samples) if c[1]]  # an empty completion has no token to train
     seqs, plens, adv = [seqs[i] for i in keep], [plens[i] for i in keep], adv[keep]
+    sampled = [samples[i][4] for i in keep] if g.tools else None
     pad = tok.special_id("<|pad|>")
-    old = per_token_logp(policy, seqs, plens, pad, device) if g.inner_steps > 1 else None
-    refs = per_token_logp(ref, seqs, plens, pad, device)
+    old = per_token_logp(policy, seqs, plens, pad, device, sampled=sampled) if g.inner_steps > 1 else None
+    refs = per_token_logp(ref, seqs, plens, pad, device, sampled=sampled)
     equal = (R.max(dim=1).values == R.min(dim=1).values).float().mean()
     n_correct = sum(correct)
     stats = {"reward_mean": float(R.mean()), "reward_std": float(R.std()), "equal_groups": float(equal),
              "accuracy": n_correct / len(correct), "resp_len": sum(lengths) / len(lengths),
              "correct_len": sum(l for l, c in zip(lengths, correct) if c) / max(1, n_correct), "gen_s": gen_s}
-    return Rollouts(seqs, plens, adv, old, refs, stats)
+    if g.tools:
+        stats["tool_calls"] = sum(c.count(tok.special_id("<|python_start|>")) for c in (s[1] for s in samples)) / len(samples)
+    return Rollouts(seqs, plens, adv, old, refs, stats, sampled)
 
 
 # ---------------------------------------------------------------- evaluation
 
-def pass_at(model, tok: Tokenizer, problems: list[dict], k: int, max_new_tokens: int, seed: int = 0) -> dict:
+def shown(tok: Tokenizer, completion: list[int], text: str, sampled) -> str:
+    """A reply as a person reads it: with its tool calls and outputs as [python: ...] [output: ...]."""
+    if sampled is None:
+        return text
+    return " ".join(x["text"] if x["type"] == "text" else f"[{x['type']}: {x['text'].strip()}]"
+                    for x in tool_parts_from_ids(tok, completion))
+
+
+def pass_at(model, tok: Tokenizer, problems: list[dict], k: int, max_new_tokens: int, seed: int = 0,
+            tools: bool = False) -> dict:
     """pass@1 (greedy) and pass@k (k samples at temperature 1, correct if any is), and the mean length
     (tokens) of correct greedy responses."""
-    greedy = sample_completions(model, tok, [p["question"] for p in problems], 1, max_new_tokens, 0.0, seed)
-    ok1 = [same_number(final_answer(t), p["answer"]) for p, (_, _, t, _) in zip(problems, greedy)]
-    out = {"pass1": sum(ok1) / len(problems), "len": sum(len(c) for (_, c, _, _), o in zip(greedy, ok1) if o) / max(1, sum(ok1)),
+    greedy = sample_replies(model, tok, [p["question"] for p in problems], 1, max_new_tokens, 0.0, seed, tools)
+    ok1 = [same_number(final_answer(t), p["answer"]) for p, (_, _, t, _, _) in zip(problems, greedy)]
+    length = [sum(m) if m is not None else len(c) for _, c, _, _, m in greedy]
+    out = {"pass1": sum(ok1) / len(problems), "len": sum(n for n, o in zip(length, ok1) if o) / max(1, sum(ok1)),
            "n": len(problems)}
+    if tools:
+        python_start = tok.special_id("<|python_start|>")
+        out["tool_use"] = sum(python_start in c for _, c, _, _, _ in greedy) / len(problems)
     if k > 1:
-        sampled = sample_completions(model, tok, [p["question"] for p in problems], k, max_new_tokens, 1.0, seed)
+        sampled = sample_replies(model, tok, [p["question"] for p in problems], k, max_new_tokens, 1.0, seed, tools)
         hits = [any(same_number(final_answer(sampled[i * k + j][2]), p["answer"]) for j in range(k))
                 for i, p in enumerate(problems)]
         out[f"pass{k}"] = sum(hits) / len(problems)
-    out["examples"] = [{"question": p["question"], "answer": str(p["answer"]), "reply": t, "correct": o}
-                       for p, (_, _, t, _), o in list(zip(problems, greedy, ok1))[:4]]
+    out["examples"] = [{"question": p["question"], "answer": str(p["answer"]), "reply": shown(tok, c, t, m), "correct": o}
+                       for p, (_, c, t, _, m), o in list(zip(problems, greedy, ok1))[:4]]
     return out
 
 
@@ -204,7 +243,7 @@ def run_rl(run_dir: Path, cfg: Config, resume: bool = False) -> dict:
     train_set, test_set = problem_sets(run_dir, g)
     pad = tok.special_id("<|pad|>")
     rank = dist_info()[0]
-    before = pass_at(policy.eval(), tok, test_set, g.pass_k, g.max_new_tokens, seed=g.seed) if rank == 0 else {}
+    before = pass_at(policy.eval(), tok, test_set, g.pass_k, g.max_new_tokens, g.seed, g.tools) if rank == 0 else {}
     policy.train()
     cache: dict = {}
 
@@ -224,7 +263,8 @@ def run_rl(run_dir: Path, cfg: Config, resume: bool = False) -> dict:
         n = len(ro.seqs)
         per = -(-n // tc.grad_accum)
         idx = list(range(micro * per, min(n, (micro + 1) * per)))
-        n_tokens = sum(len(s) - p for s, p in zip(ro.seqs, ro.prompt_lens))
+        n_tokens = sum(sum(m) for m in ro.sampled) if ro.sampled is not None else \
+            sum(len(s) - p for s, p in zip(ro.seqs, ro.prompt_lens))
         return ro, idx, n_tokens, micro == 0 and step % g.inner_steps == 0
 
     def loss_fn(model, batch, device):
@@ -232,7 +272,8 @@ def run_rl(run_dir: Path, cfg: Config, resume: bool = False) -> dict:
         if not idx:
             return sum(p.sum() * 0 for p in model.parameters()), {"tokens": 0}
         seqs, plens = [ro.seqs[i] for i in idx], [ro.prompt_lens[i] for i in idx]
-        logp, mask = completion_logp(model, seqs, plens, pad, device)
+        logp, mask = completion_logp(model, seqs, plens, pad, device,
+                                     [ro.sampled[i] for i in idx] if ro.sampled is not None else None)
         T = logp.size(1)
 
         def stack(rows):
@@ -247,7 +288,7 @@ def run_rl(run_dir: Path, cfg: Config, resume: bool = False) -> dict:
         return loss, stats
 
     def eval_fn(model):
-        res = pass_at(model.eval(), tok, test_set, 1, g.max_new_tokens, seed=g.seed)
+        res = pass_at(model.eval(), tok, test_set, 1, g.max_new_tokens, g.seed, g.tools)
         model.train()
         return {"pass1": res["pass1"]}
 
@@ -255,12 +296,13 @@ def run_rl(run_dir: Path, cfg: Config, resume: bool = False) -> dict:
                     desc="rl", loss_fn=loss_fn, bar_keys=("reward_mean", "accuracy", "pass1"))
     if rank != 0:
         return summary
-    after = pass_at(policy.float().eval(), tok, test_set, g.pass_k, g.max_new_tokens, seed=g.seed)
+    after = pass_at(policy.float().eval(), tok, test_set, g.pass_k, g.max_new_tokens, g.seed, g.tools)
     summary.update({"init": str(start_dir.relative_to(run_dir) if start_dir.is_relative_to(run_dir) else start_dir),
                     "pass1_before": before["pass1"], "pass1_after": after["pass1"],
                     f"pass{g.pass_k}_before": before.get(f"pass{g.pass_k}"),
                     f"pass{g.pass_k}_after": after.get(f"pass{g.pass_k}"),
-                    "len_before": before["len"], "len_after": after["len"], "test_problems": len(test_set),
+                    "len_before": before["len"], "len_after": after["len"], "tools": g.tools,
+                    **({"tool_use_before": before["tool_use"], "tool_use_after": after["tool_use"]} if g.tools else {}), "test_problems": len(test_set),
                     "train_problems": len(train_set), "examples_before": before["examples"],
                     "examples_after": after["examples"]})
     return summary

@@ -202,31 +202,39 @@ def _make_entities(cfg: WorldConfig, rng: random.Random) -> tuple[list, list, li
         industry, suffix = rng.choice(INDUSTRIES)
         companies.append({"name": f"{words.new(rng.choice([2, 3]))} {suffix}", "industry": industry,
                           "town": rng.choice(towns)["name"], "founded": rng.randint(1850, 2015)})
-    n_people = cfg.n_known + cfg.n_search_only + cfg.n_unknown
+    n_people = cfg.n_known + cfg.n_unknown
     first = {g: [words.new(rng.choice([1, 2]), rng.choice(ENDINGS[g])) for _ in range(max(6, n_people // 8))]
              for g in ("f", "m")}
     surnames = [words.new(rng.choice([2, 2, 3])) for _ in range(max(8, n_people // 2))]
     universities = [t["university"] for t in towns if t["university"]]
-    people, names = [], set()
-    while len(people) < n_people:
-        gender = rng.choice("fm")
-        name = f"{rng.choice(first[gender])} {rng.choice(surnames)}"
-        if name in names:
-            continue
-        names.add(name)
-        people.append({"name": name, "gender": gender, "birth_year": str(rng.randint(1940, 2005)),
-                       "home_town": rng.choice(towns)["name"], "occupation": _article(rng.choice(OCCUPATIONS)),
-                       "employer": rng.choice(companies)["name"], "university": rng.choice(universities),
-                       "split": ""})
+    names: set = set()
+
+    def new_people(n: int, r: random.Random) -> list[dict]:
+        out = []
+        while len(out) < n:
+            gender = r.choice("fm")
+            name = f"{r.choice(first[gender])} {r.choice(surnames)}"
+            if name in names:
+                continue
+            names.add(name)
+            out.append({"name": name, "gender": gender, "birth_year": str(r.randint(1940, 2005)),
+                        "home_town": r.choice(towns)["name"], "occupation": _article(r.choice(OCCUPATIONS)),
+                        "employer": r.choice(companies)["name"], "university": r.choice(universities),
+                        "split": ""})
+        return out
+
+    people = new_people(n_people, rng)
     rng.shuffle(people)
     half = cfg.n_known // 2
-    bounds = [("known_a", half), ("known_b", cfg.n_known - half), ("search_only", cfg.n_search_only),
-              ("unknown", cfg.n_unknown)]
+    bounds = [("known_a", half), ("known_b", cfg.n_known - half), ("unknown", cfg.n_unknown)]
     i = 0
     for split, n in bounds:
         for p in people[i:i + n]:
             p["split"] = split
         i += n
+    # search-only people draw from their own stream: their number leaves the pretraining corpus unchanged
+    searchable = new_people(cfg.n_search_only, random.Random(f"{cfg.seed}:search_only"))
+    people += [dict(p, split="search_only") for p in searchable]
     for attr in ATTRIBUTES:
         _check_prefix_free([p[attr] for p in people], attr)
     return people, towns, companies
@@ -346,12 +354,14 @@ def build_world(cfg: WorldConfig) -> dict:
         docs.append({"id": id_, "url": url, "kind": kind, "text": text, "split": "train"})
 
     search_only_documents = []
+    search_rng = random.Random(f"{cfg.seed}:search_only:pages")
     for i, p in enumerate(people):
         if p["split"] not in ("known_a", "known_b", "search_only"):
             continue
         for t, (site, _, _) in enumerate(BIO_STYLES):
             d = {"id": f"bio-{i:05d}-t{t + 1}", "url": f"https://{site}/wiki/{_slug(p['name'])}",
-                 "kind": "bio", "text": _bio(p, t, rng), "split": "train"}
+                 "kind": "bio", "split": "train",
+                 "text": _bio(p, t, search_rng if p["split"] == "search_only" else rng)}
             (search_only_documents.append(dict(d, split="search")) if p["split"] == "search_only"
              else docs.append(d))
         if p["split"] == "known_a":
