@@ -115,11 +115,12 @@ class IDKConfig:
     unknown_train: float = 0.5    # share of unknown people trained on (the rest are held out)
     invented_people: int = 300    # extra "I don't know" questions about names no person has
     invented_search: int = 300    # tools-on questions about further invented names: search, find nobody
-    search_train: float = 0.5     # share of search-only people trained on (the rest are held out)
+    search_train: float = 0.8     # share of search-only people trained on (the rest are held out)
     known_search: int = 100       # tools-on fact questions about known_a people (they search too)
-    n_bignum: int = 0             # bignum_train problems solved with Python (0 = all)
+    n_bignum: int = 3000          # bignum_train problems solved with Python (0 = all)
     n_word_python: int = 200      # word problems (problems_train) worked with a Python call per step
-    replay: float = 0.3           # share of SFT conversations in the training mix
+    replay: float = 0.2           # share of SFT conversations in the training mix
+    honesty_weight: int = 3       # times each tools-off conversation (answer or abstain) is in the mix
     eval_unknown: int = 100       # held-out unknown-people questions for halluc_rate; 0 = all
     eval_people: int = 40         # known_b people for known_acc (× 5 attributes); 0 = all
     eval_search: int = 60         # held-out search-only questions evaluated with tools
@@ -129,7 +130,7 @@ class IDKConfig:
 
 
 def _idk_train() -> "TrainConfig":
-    return TrainConfig(steps=250, batch_size=16, lr=5e-4, warmup_steps=5, decay_frac=0.5,
+    return TrainConfig(steps=350, batch_size=16, lr=5e-4, warmup_steps=5, decay_frac=0.5,
                        eval_every=50, eval_batches=4, ckpt_every=50)
 
 

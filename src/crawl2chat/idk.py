@@ -292,7 +292,8 @@ def build_mix(run_dir: Path, cfg: Config, idk_cfg: IDKConfig, world: dict, probe
     problems = [row for _, row in iter_jsonl(run_dir / "world" / "problems_train.jsonl")][:idk_cfg.n_word_python] \
         if (run_dir / "world" / "problems_train.jsonl").exists() and idk_cfg.n_word_python else []
     word_convs = [c for c in map(stepwise_python_conversation, problems) if c]
-    new = honest + search_convs + python_convs + word_convs
+    # the tools-off abstentions are few beside the tool conversations: repeated, so they are not drowned
+    new = honest * max(1, idk_cfg.honesty_weight) + search_convs + python_convs + word_convs
     from crawl2chat.sft import load_conversations
     sft_convs = load_conversations(run_dir, cfg, world)
     n_replay = min(len(sft_convs), round(len(new) * idk_cfg.replay / max(1e-9, 1 - idk_cfg.replay)))
