@@ -66,10 +66,22 @@ def test_search_conversation_answers_from_the_result_or_abstains():
     assert [p["type"] for p in parts] == ["search", "output", "text"]
     assert parts[0]["text"] == queries[0] and queries[0].startswith("Shossa Kerma ") and "town" in queries[0]
     assert parts[1]["text"] == found("")
-    assert parts[2]["text"] == fact_answer(PERSON, "home_town")
+    assert parts[2]["text"] == "According to the search, Shossa Kerma is a native of Thedinford."
+    # a result that states the fact without a sentence naming the person: the answer in SFT's words
+    c = idk.search_conversation(q, PERSON, lambda query: "Born in Thedinford. Page of Shossa Kerma.",
+                                random.Random(0))
+    assert c[2]["content"][2]["text"] == fact_answer(PERSON, "home_town")
     c = idk.search_conversation(q, PERSON, lambda query: "Other Person: Other Person hails from Kofilford.",
                                 random.Random(0))
     assert idk.is_abstention(c[2]["content"][2]["text"]) and "Thedinford" not in c[2]["content"][2]["text"]
+
+
+def test_quoted_fact():
+    r = "Ann Lee - Biography: Ann Lee's profession: a watchmaker. Ann Lee's year of birth was 1981."
+    assert idk.quoted_fact(r, "Ann Lee", "1981") == "Ann Lee's year of birth was 1981."
+    assert idk.quoted_fact(r, "Ann Lee", "a watchmaker") == "Ann Lee's profession: a watchmaker."
+    assert idk.quoted_fact(r, "Ann Lee", "1990") is None
+    assert idk.quoted_fact("Ann Lee. She was born in 1981.", "Ann Lee", "1981") is None
 
 
 def test_python_conversation_uses_the_real_sandbox():

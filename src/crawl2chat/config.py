@@ -115,7 +115,7 @@ class IDKConfig:
     unknown_train: float = 0.5    # share of unknown people trained on (the rest are held out)
     invented_people: int = 300    # extra "I don't know" questions about names no person has
     invented_search: int = 300    # tools-on questions about further invented names: search, find nobody
-    search_train: float = 0.8     # share of search-only people trained on (the rest are held out)
+    search_train: float = 0.5     # share of search-only people trained on (the rest are held out)
     known_search: int = 100       # tools-on fact questions about known_a people (they search too)
     n_bignum: int = 3000          # bignum_train problems solved with Python (0 = all)
     n_word_python: int = 200      # word problems (problems_train) worked with a Python call per step
@@ -208,7 +208,7 @@ class GRPOConfig:
 
 
 def _rl_train() -> "TrainConfig":
-    return TrainConfig(steps=60, batch_size=0, lr=2e-4, warmup_steps=5, schedule="wsd", decay_frac=0.2,
+    return TrainConfig(steps=40, batch_size=0, lr=2e-4, warmup_steps=5, schedule="wsd", decay_frac=0.2,
                        eval_every=20, ckpt_every=20, grad_clip=1.0)
 
 

@@ -136,11 +136,26 @@ def search_query(name: str, attribute: str) -> str:
     return f"{name} {SEARCH_WORDS[attribute]}"
 
 
+def quoted_fact(result: str, name: str, value: str) -> str | None:
+    """The sentence of a search result that states `value` about `name`, from the name to the sentence's
+    end ("... Biography: Ann Lee's year of birth was 1981. ..." → "Ann Lee's year of birth was 1981.")."""
+    at = result.find(value)
+    start = result.rfind(name, 0, at) if at >= 0 else -1
+    if start < 0 or "." in result[start + len(name):at]:
+        return None
+    end = result.find(".", at + len(value))
+    return result[start:end + 1 if end >= 0 else len(result)].strip()
+
+
 def search_conversation(question: dict, person: dict, search_fn, rng: random.Random) -> list[dict]:
-    """Tools on: search, then answer from the result when it mentions the person, else abstain."""
+    """Tools on: search, then answer by quoting the result's sentence that states the fact (copying a
+    span is what a small model does well) when it mentions the person, else abstain."""
     query = search_query(person["name"], question["attribute"])
     result = search_fn(query)
-    if person["name"] in result and person[question["attribute"]] in result:
+    quote = quoted_fact(result, person["name"], person[question["attribute"]]) if person["name"] in result else None
+    if quote:
+        answer = f"According to the search, {quote}"
+    elif person["name"] in result and person[question["attribute"]] in result:
         answer = conv.fact_answer(person, question["attribute"])
     else:
         answer = rng.choice(IDK_SEARCHED).format(name=person["name"], what=WHAT[question["attribute"]])
