@@ -161,10 +161,13 @@ def test_quality_filters(crawl, extracted):
         text = extracted[t["url"]]
         assert not text or not all(_quality_verdicts(text)), (t, text)
     # The filters judge a good page as they judge its world text: the rendering neither adds nor removes
-    # anything they look at. (How many world pages they remove is a property of the world's text.)
+    # anything they look at but the blank line after the title (trafilatura keeps one line break, which
+    # moves Gopher's n-gram counts on a page at the edge). (How many world pages they remove is a
+    # property of the world's text.)
     passing = 0
     for t in _rows(crawl, "good", "pii"):
-        page, world = _quality_verdicts(extracted[t["url"]]), _quality_verdicts(crawl.docs[t["doc_id"]]["text"])
+        world_text = crawl.docs[t["doc_id"]]["text"].replace("\n\n", "\n")
+        page, world = _quality_verdicts(extracted[t["url"]]), _quality_verdicts(world_text)
         if t["category"] == "good":
             assert page == world, (t["url"], page, world)
         else:
