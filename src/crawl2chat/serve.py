@@ -22,7 +22,6 @@ Send a reply back in a later request as an assistant message whose content is th
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -41,7 +40,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, field_validator
 
-from crawl2chat.chat import CHAT_STAGES, find_model_dir
+from crawl2chat.chat import CHAT_STAGES, find_model_dir, register_serve as register  # noqa: F401 (the CLI's arguments)
 from crawl2chat.chat_template import render
 from crawl2chat.common import C2CError
 from crawl2chat.engine import fit_prompt, generate_batch
@@ -405,22 +404,6 @@ async def _sse(head: dict, job: Job, queue: asyncio.Queue, future, prompt_tokens
 
 
 # ------------------------------------------------------------------------------------------------- CLI
-
-def register(sub) -> None:
-    text = "serve a model over an OpenAI-compatible HTTP API, with a chat page"
-    p = sub.add_parser("serve", help=text, description=text[0].upper() + text[1:] + ": POST "
-                       "/v1/chat/completions (streaming too), GET /v1/models, GET /health, and the chat page "
-                       "at /.")
-    p.add_argument("--out", type=Path, default=Path("runs/tiny"), help="run directory (default: runs/tiny)")
-    p.add_argument("--stage", default=None,
-                   help=f"model folder in the run directory (default: the latest of {', '.join(CHAT_STAGES)} "
-                        "present)")
-    p.add_argument("--model", type=Path, default=None, help="a model folder (overrides --out/--stage)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
-    p.add_argument("--tools", action=argparse.BooleanOptionalAction, default=False,
-                   help="let the model call web search (the run's search index) and Python (default: off)")
-
 
 def serve(args) -> None:
     import socket

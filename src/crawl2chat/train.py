@@ -83,9 +83,15 @@ def autocast(device: torch.device, dtype: str):
     return contextlib.nullcontext()
 
 
+def launched_by_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
 def init_distributed(device: torch.device) -> tuple[int, int]:
+    """Join the process group when torchrun started us (also with one process, so that
+    `torchrun --nproc_per_node=1` runs the same DDP path as eight)."""
     rank, _, world = dist_info()
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or launched_by_torchrun()) and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
@@ -218,11 +224,12 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 
 def train(model: GPT, cfg: TrainConfig, out_dir: Path, batch_fn: BatchFn, *, tokens_per_micro: int,
           eval_fn: Callable[[GPT], dict] | None = None, resume: bool = False, desc: str = "train",
-          loss_fn: LossFn | None = None, bar_keys: tuple = ()) -> dict:
+          loss_fn: LossFn | None = None, bar_keys: tuple = (), save: bool = True) -> dict:
     """Train `model` for cfg.steps optimizer steps; returns the run's summary metrics.
     batch_fn(step, micro, rank, world) gives a micro-batch: (x, y) for next-token loss, or anything
     `loss_fn(model, batch, device) -> (loss, stats)` understands (RL); stats go into metrics.jsonl.
-    Writes out_dir/metrics.jsonl, out_dir/checkpoints/, and finally out_dir/model.safetensors + config.json."""
+    Writes out_dir/metrics.jsonl, out_dir/checkpoints/, and finally out_dir/model.safetensors + config.json
+    (with save=False, only metrics.jsonl: benchmarks)."""
     out_dir = Path(out_dir)
     device = pick_device()
     rank, world = init_distributed(device)
@@ -247,7 +254,7 @@ def train(model: GPT, cfg: TrainConfig, out_dir: Path, batch_fn: BatchFn, *, tok
             _truncate_metrics(metrics_path, start)
 
     raw = model
-    if world > 1:
+    if dist.is_initialized():
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     step_fn = torch.compile(model) if cfg.compile else model
 
@@ -326,7 +333,7 @@ def train(model: GPT, cfg: TrainConfig, out_dir: Path, batch_fn: BatchFn, *, tok
                 bar.set_postfix(post, refresh=False)
                 bar.update(1)
             summary = {"final_loss": loss_f}
-            if done % cfg.ckpt_every == 0 or done == cfg.steps or stop["flag"]:
+            if save and (done % cfg.ckpt_every == 0 or done == cfg.steps or stop["flag"]):
                 if rank == 0:
                     save_checkpoint(ckpt_root, done, raw, opts, {"train_config": asdict(cfg)})
                 if world > 1:
@@ -338,14 +345,14 @@ def train(model: GPT, cfg: TrainConfig, out_dir: Path, batch_fn: BatchFn, *, tok
         bar.close()
         if log:
             log.close()
-    if rank == 0:
+    if rank == 0 and save:
         save_model(raw, out_dir)
     summary.update(last_eval)
     summary.update({"steps": cfg.steps, "resumed_from": start, "tokens": n_tok, "train_s": t_train,
                     "wall_s": time.time() - wall0, "tok_per_s": n_tok / max(t_train, 1e-9),
                     "gflops": flops_per_token * n_tok / max(t_train, 1e-9) / 1e9, "dtype": dtype,
                     "mfu": flops_per_token * n_tok / max(t_train, 1e-9) / (peak * world) if peak else None,
-                    "world_size": world, "params": raw.num_params(), "params_non_embedding": raw.num_params(True),
+                    "world_size": world, "ddp": dist.is_initialized(), "params": raw.num_params(), "params_non_embedding": raw.num_params(True),
                     "device": device.type})
     return summary
 
