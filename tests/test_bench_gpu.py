@@ -57,3 +57,17 @@ def test_bench_gpu_needs_a_gpu_without_tiny(c2c, assert_one_line_error):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     assert_one_line_error(c2c("bench", "gpu"), "no CUDA GPU", "--tiny")
+
+
+def test_bench_train_reports_flops_of_the_timed_steps():
+    """`c2c bench train` (full steps with the training loop's optimizer): FLOP/s follow from the
+    measured tokens/s and the model's FLOPs per token."""
+    from crawl2chat.bench import train_throughput
+    r = train_throughput("fp32", compile=False, steps=1, preset="smoke")
+    assert r["tok_per_s"] > 0 and r["params"] > 0
+    with torch.device("meta"):
+        from crawl2chat.config import get_preset
+        c = get_preset("smoke")
+        flops = GPT(GPTConfig.from_depth(c.model.depth, c.tokenizer.vocab_size, c.model.seq_len, c.model.aspect_ratio,
+                                         c.model.head_dim)).flops_per_token()
+    assert r["flops"] == pytest.approx(flops * r["tok_per_s"])

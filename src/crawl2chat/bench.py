@@ -31,13 +31,13 @@ def matmul_peak(dtype: torch.dtype, sizes=(512, 1024, 2048), repeats: int = 10) 
 def train_throughput(dtype: str, compile: bool, steps: int, preset: str = "tiny") -> dict:
     """Tokens/s and FLOP/s of full training steps (forward, backward, AdamW) on random tokens."""
     from crawl2chat.model import GPT, GPTConfig
-    from crawl2chat.train import autocast
+    from crawl2chat.train import autocast, build_optimizers
     cfg = get_preset(preset)
     mcfg = GPTConfig.from_depth(cfg.model.depth, cfg.tokenizer.vocab_size, cfg.model.seq_len,
                                 cfg.model.aspect_ratio, cfg.model.head_dim)
     torch.manual_seed(0)
     model = GPT(mcfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opts = build_optimizers(model, cfg.pretrain, torch.device("cpu"))  # the training loop's optimizer
     fwd = torch.compile(model) if compile else model
     B, T = cfg.pretrain.batch_size, mcfg.seq_len
     x = torch.randint(0, mcfg.vocab_size, (B, T))
@@ -48,8 +48,9 @@ def train_throughput(dtype: str, compile: bool, steps: int, preset: str = "tiny"
         with autocast(torch.device("cpu"), dtype):
             loss = fwd(x, y)
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         if i >= 2:
             times.append(time.perf_counter() - t0)
     dt = sorted(times)[len(times) // 2]  # median step
