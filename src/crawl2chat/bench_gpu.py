@@ -1,11 +1,11 @@
 """`c2c bench gpu`: MFU of the GPU presets' pretraining step on synthetic tokens, beside a plain
 nanoGPT-style GPT of the same shape (bf16 autocast, torch.compile, fused AdamW) measured in the same run.
 
-Each variant runs in its own process (a fresh compile cache and allocator, and torchrun where the
-variant asks for DDP); the driver measures the card's bf16 matmul rate, runs the variants in order
+Each variant runs in its own process (fresh dynamo state and allocator, and torchrun where the variant
+asks for DDP; inductor's on-disk cache is shared, so a shape compiled before compiles fast); the driver measures the card's bf16 matmul rate, runs the variants in order
 until its time budget is spent, and writes every result as soon as it has it.
 MFU counts FLOPs as nanochat does (6 × matmul weights + the attention term) over the card's dense
-bf16 peak (989 TFLOP/s for H100/H200 SXM); the share of the matmul rate measured here is shown beside it."""
+bf16 peak (989 TFLOP/s for H100/H200 SXM); the card's measured bf16 matmul rate is recorded beside it."""
 from __future__ import annotations
 
 import argparse
