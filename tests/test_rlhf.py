@@ -22,6 +22,12 @@ def test_guard_stops_on_proxy_up_gold_down_for_m_evaluations():
     assert guard_decision(_curve(rising + [(0.5, 0.65, 0.4)]), rc) is None  # gold recovered: a new peak
     assert guard_decision(_curve(rising + [(0.1, 0.52, 0.4)]), rc) is None  # proxy fell too: not hacking
     assert guard_decision(_curve([(0.0, 0.5, 0.1), (0.1, 0.6, 6.0)]), rc) == "kl_budget"
+    # the proxy peaked with gold, then climbs again (still below its peak) while gold sinks
+    plateau = [(0.0, 0.50, 0.1), (0.50, 0.70, 0.2), (0.45, 0.66, 0.3), (0.47, 0.64, 0.4)]
+    assert guard_decision(_curve(plateau), rc) is None  # one evaluation of divergence is not enough
+    assert guard_decision(_curve(plateau + [(0.48, 0.62, 0.5)]), rc) == "reward_hacking"
+    assert guard_decision(_curve(plateau + [(0.46, 0.62, 0.5)]), rc) is None  # proxy fell with gold
+    assert guard_decision(_curve(plateau[:2] + [(0.45, 0.695, 0.3), (0.47, 0.692, 0.4)]), rc) is None  # gold within margin
 
 
 def test_paired_bootstrap_interval():

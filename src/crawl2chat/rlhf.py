@@ -3,9 +3,9 @@ penalty to the starting policy, stopped before the policy games the reward model
 
 The guard: every eval_every steps, replies to a fixed set of held-out prompts are scored by the reward
 model (proxy), by the hidden rubric (gold), and the policy's KL to the start is measured. Training stops
-when the proxy is above its value at the gold peak while gold stays below that peak for `patience`
-evaluations in a row (Goodhart: the proxy keeps rising as the true score falls), or when the KL exceeds
-its budget. The weights with the best gold score are the stage's model; replies with a high proxy and a
+when, for `patience` evaluations in a row, gold stays below its peak while the proxy is above its value
+at that peak or is still rising as gold falls (Goodhart: the proxy keeps rising as the true score
+falls), or when the KL exceeds its budget. The weights with the best gold score are the stage's model; replies with a high proxy and a
 low gold score go to adversarial.jsonl."""
 from __future__ import annotations
 
@@ -71,14 +71,22 @@ def per_prompt(rows: list[dict]) -> list[float]:
 
 
 def guard_decision(curve: list[dict], rc: RLHFConfig) -> str | None:
-    """'reward_hacking' when the last `patience` evaluations all have the proxy above its value at the gold
-    peak and gold below the peak by more than margin; 'kl_budget' when the KL is over budget."""
+    """'reward_hacking' when each of the last `patience` evaluations has gold below the gold peak by more
+    than margin and the proxy either above its value at that peak or up on the evaluation before while
+    gold went down (a proxy that peaked with gold and then climbs again as gold sinks); 'kl_budget' when
+    the KL is over budget."""
     if curve[-1]["kl"] > rc.kl_budget:
         return "kl_budget"
     peak = max(range(len(curve)), key=lambda i: curve[i]["gold"])
-    recent = curve[peak + 1:][-rc.patience:]
-    if len(recent) >= rc.patience and all(c["proxy"] > curve[peak]["proxy"] and
-                                          c["gold"] < curve[peak]["gold"] - rc.margin for c in recent):
+    top = curve[peak]
+
+    def diverging(i: int) -> bool:
+        c, prev = curve[i], curve[i - 1]
+        return c["gold"] < top["gold"] - rc.margin and (
+            c["proxy"] > top["proxy"] or (c["proxy"] > prev["proxy"] and c["gold"] < prev["gold"]))
+
+    recent = range(peak + 1, len(curve))[-rc.patience:]
+    if len(recent) >= rc.patience and all(diverging(i) for i in recent):
         return "reward_hacking"
     return None
 
