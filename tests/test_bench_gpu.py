@@ -63,8 +63,10 @@ def test_bench_train_reports_flops_of_the_timed_steps():
     """`c2c bench train` (full steps with the training loop's optimizer): FLOP/s follow from the
     measured tokens/s and the model's FLOPs per token."""
     from crawl2chat.bench import train_throughput
-    r = train_throughput("fp32", compile=False, steps=1, preset="smoke")
-    assert r["tok_per_s"] > 0 and r["params"] > 0
+    both = train_throughput([("fp32", False), ("fp32", True)], steps=1, preset="smoke")
+    assert set(both) == {("fp32", False), ("fp32", True)}
+    r = both[("fp32", False)]
+    assert r["tok_per_s"] > 0 and r["params"] > 0 and both[("fp32", True)]["params"] == r["params"]
     with torch.device("meta"):
         from crawl2chat.config import get_preset
         c = get_preset("smoke")
