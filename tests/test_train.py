@@ -202,9 +202,21 @@ def test_gpu_code_paths_run_on_cpu(prepared_run, copy_run, metrics_rows):
     from crawl2chat import cli
     run = copy_run(prepared_run, without_fact_evals=True)
     cli.main(["pretrain", "--out", str(run), "--set", "pretrain.steps=3", "--set", "pretrain.dtype=bf16",
-              "--set", "pretrain.compile=true", "--set", "pretrain.eval_every=3"])
+              "--set", "pretrain.compile=true", "--set", "pretrain.eval_every=3", "--set", "pretrain.batch_tokens=1024"])
     metrics = json.loads((run / "base" / "metrics.json").read_text())
     assert metrics["dtype"] == "bf16" and metrics["steps"] == 3
+    assert metrics["tokens"] == 3 * 1024  # batch_tokens: 8 × 64 tokens per micro-batch, accumulated twice
     rows = metrics_rows(run / "base" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) for r in rows) and math.isfinite(rows[-1]["val_bpb"])
+
+
+def test_batch_tokens_sets_grad_accum(monkeypatch):
+    from crawl2chat.train import with_batch_tokens
+    tc = TrainConfig(batch_size=8, grad_accum=3, batch_tokens=2**12)
+    assert with_batch_tokens(tc, 8 * 64).grad_accum == 8
+    monkeypatch.setenv("WORLD_SIZE", "4")  # the batch is over all processes
+    assert with_batch_tokens(tc, 8 * 64).grad_accum == 2
+    assert with_batch_tokens(TrainConfig(grad_accum=3), 8 * 64).grad_accum == 3  # 0: grad_accum as given
+    with pytest.raises(C2CError, match="multiple of batch_size × seq_len × processes"):
+        with_batch_tokens(TrainConfig(batch_tokens=1000), 8 * 64)

@@ -132,7 +132,7 @@ def run_ours(spec: dict, shape: dict, steps: int, warmup: int, compile: bool) ->
     from crawl2chat.config import get_preset
     from crawl2chat.model import GPT, GPTConfig
     from crawl2chat.train import train
-    tc = replace(get_preset(spec["preset"]).pretrain, steps=warmup + steps, batch_size=shape["batch"], grad_accum=1,
+    tc = replace(get_preset(spec["preset"]).pretrain, steps=warmup + steps, batch_size=shape["batch"], grad_accum=1, batch_tokens=0,
                  compile=compile, eval_every=10**9, ckpt_every=10**9, warmup_steps=1)
     mcfg = GPTConfig.from_depth(shape["depth"], shape["vocab"], shape["seq_len"], aspect_ratio=shape["width"] // shape["depth"],
                                 head_dim=shape["head_dim"])

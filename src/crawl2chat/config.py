@@ -70,6 +70,7 @@ class TrainConfig:
     steps: int = 400
     batch_size: int = 16          # sequences per micro-batch per process
     grad_accum: int = 1
+    batch_tokens: int = 0         # tokens per optimizer step over all processes; sets grad_accum (0 = use grad_accum)
     lr: float = 5e-3
     min_lr_frac: float = 0.0
     warmup_steps: int = 20
@@ -285,7 +286,7 @@ def _gpu_d12() -> Config:
                           n_math_pages=20000, n_problems_train=20000, n_problems_test=500)
     c.tokenizer = TokenizerConfig(vocab_size=32768)
     c.model = ModelConfig(depth=12, aspect_ratio=64, head_dim=128, seq_len=1024)  # 128: +1.5 MFU points on an H200
-    c.pretrain = TrainConfig(steps=5000, batch_size=32, grad_accum=1, lr=1e-3, warmup_steps=200,
+    c.pretrain = TrainConfig(steps=5000, batch_size=32, batch_tokens=2**19, lr=1e-3, warmup_steps=200,
                              dtype="bf16", compile=True, eval_every=500, ckpt_every=1000)
     return c
 

@@ -32,7 +32,7 @@ from crawl2chat.evals import chat_replies, contains_answer, normalize
 from crawl2chat.problems import final_answer, same_number
 from crawl2chat.shards import RowLoader
 from crawl2chat.tokenizer import Tokenizer
-from crawl2chat.train import evaluate_loss, load_model, pick_device, resolve_dtype, train
+from crawl2chat.train import evaluate_loss, load_model, pick_device, resolve_dtype, train, with_batch_tokens
 
 
 TOOLS_SYSTEM = "Tools: search, python."
@@ -355,7 +355,7 @@ def run_idk(run_dir: Path, cfg: Config, idk_cfg: IDKConfig, train_cfg: TrainConf
     T, pad = model.cfg.seq_len, tok.special_id("<|pad|>")
     x, y, stats = pack([render(tok, c) for c in mix[n_val:]], T, pad)
     vx, vy, _ = pack([render(tok, c) for c in mix[:n_val]], T, pad)
-    tc = train_cfg
+    tc = with_batch_tokens(train_cfg, train_cfg.batch_size * T)
     val = [(torch.from_numpy(vx[i:i + tc.batch_size]).long(), torch.from_numpy(vy[i:i + tc.batch_size]).long())
            for i in range(0, min(len(vx), tc.batch_size * tc.eval_batches), tc.batch_size)]
     loader = RowLoader(x, y, tc.batch_size, seed=tc.seed)

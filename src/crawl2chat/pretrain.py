@@ -12,7 +12,7 @@ from crawl2chat.evals import fact_recall
 from crawl2chat.model import GPT, GPTConfig
 from crawl2chat.shards import BatchLoader, TokenStream, shard_paths, val_batches
 from crawl2chat.tokenizer import Tokenizer
-from crawl2chat.train import evaluate_loss, resolve_dtype, pick_device, train
+from crawl2chat.train import evaluate_loss, pick_device, resolve_dtype, train, with_batch_tokens
 
 
 def model_config(cfg: Config, vocab_size: int) -> GPTConfig:
@@ -26,7 +26,8 @@ def run_pretrain(run_dir: Path, cfg: Config, resume: bool = False) -> dict:
     tokens_dir = run_dir / "tokens"
     train_stream = TokenStream(shard_paths(tokens_dir, "train"), tok.vocab_size)
     val_stream = TokenStream(shard_paths(tokens_dir, "val"), tok.vocab_size)
-    tc, T = cfg.pretrain, cfg.model.seq_len
+    T = cfg.model.seq_len
+    tc = with_batch_tokens(cfg.pretrain, cfg.pretrain.batch_size * T)
     loader = BatchLoader(train_stream, T, tc.batch_size, seed=tc.seed)
     val = val_batches(val_stream, T, tc.batch_size, tc.eval_batches)
     token_bytes = torch.from_numpy(tok.token_bytes()).long()

@@ -17,7 +17,7 @@ from crawl2chat.config import Config
 from crawl2chat.evals import chat_evals
 from crawl2chat.shards import RowLoader
 from crawl2chat.tokenizer import Tokenizer
-from crawl2chat.train import evaluate_loss, load_model, pick_device, resolve_dtype, train
+from crawl2chat.train import evaluate_loss, load_model, pick_device, resolve_dtype, train, with_batch_tokens
 
 
 def pack(rendered: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int):
@@ -84,7 +84,8 @@ def run_sft(run_dir: Path, cfg: Config, resume: bool = False) -> dict:
     val_convs, train_convs = convs[:n_val], convs[n_val:]
 
     model = load_model(run_dir / "base")
-    T, tc = model.cfg.seq_len, cfg.sft
+    T = model.cfg.seq_len
+    tc = with_batch_tokens(cfg.sft, cfg.sft.batch_size * T)
     pad = tok.special_id("<|pad|>")
     x, y, stats = pack([render(tok, c) for c in train_convs], T, pad)
     vx, vy, _ = pack([render(tok, c) for c in val_convs], T, pad)
@@ -128,8 +129,8 @@ def oracle_round(model, tok, world: dict, run_dir: Path, cfg: Config, train_conv
              for r in rows if r["corrected"]]
     T, pad = model.cfg.seq_len, tok.special_id("<|pad|>")
     x, y, _ = pack([render(tok, c) for c in train_convs + fixes * data.corrections_weight], T, pad)
-    tc = replace(cfg.sft, steps=data.correction_steps, lr=data.correction_lr, warmup_steps=min(2, data.correction_steps),
-                 eval_every=0, ckpt_every=data.correction_steps)
+    tc = replace(with_batch_tokens(cfg.sft, cfg.sft.batch_size * T), steps=data.correction_steps, lr=data.correction_lr,
+                 warmup_steps=min(2, data.correction_steps), eval_every=0, ckpt_every=data.correction_steps)
     loader = RowLoader(x, y, tc.batch_size, seed=tc.seed + 1)
     train(model.train(), tc, run_dir / "sft" / "corrections",
           lambda step, micro, rank, world_size: loader.batch(step, micro, tc.grad_accum, rank, world_size),

@@ -11,7 +11,7 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
@@ -121,6 +121,18 @@ def build_optimizers(model: GPT, cfg: TrainConfig, device: torch.device) -> list
         for g in opt.param_groups:
             g["base_lr"] = g["lr"]
     return opts
+
+
+def with_batch_tokens(cfg: TrainConfig, tokens_per_micro: int) -> TrainConfig:
+    """cfg with grad_accum set so that an optimizer step sees cfg.batch_tokens tokens over all processes
+    (micro-batch tokens × grad_accum × processes); cfg unchanged when batch_tokens is 0."""
+    if not cfg.batch_tokens:
+        return cfg
+    per_pass = tokens_per_micro * dist_info()[2]
+    if cfg.batch_tokens % per_pass:
+        raise C2CError(f"batch_tokens ({cfg.batch_tokens}) must be a multiple of batch_size × seq_len × processes "
+                       f"({per_pass}); change batch_tokens or batch_size")
+    return replace(cfg, grad_accum=cfg.batch_tokens // per_pass)
 
 
 def lr_multiplier(step: int, cfg: TrainConfig) -> float:
