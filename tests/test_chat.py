@@ -188,3 +188,50 @@ def test_bench_generate(loaded):
         assert e["ours"] > 0 and e["baseline"] > 0 and e["unit"] == "tok/s"
         assert e["ratio"] == pytest.approx(e["ours"] / e["baseline"])
     assert bench_generate(model, tok, [tok.bos_id] * 60, new_tokens=64)["new_tokens"] == 4  # capped
+
+
+class Script:
+    """Stands in for engine.sample_next: emits the scripted ids in order."""
+
+    def __init__(self, ids):
+        self.ids = list(ids)
+
+    def __call__(self, logits, temperature, top_k, top_p, generator):
+        return torch.tensor([self.ids.pop(0)])
+
+
+def test_tool_calls_are_shown_and_kept(loaded, monkeypatch):
+    from crawl2chat import engine
+    model, tok = loaded
+    sid = tok.special_id
+    monkeypatch.setattr(engine, "sample_next", Script(
+        [sid("<|search_start|>"), *tok.encode("the cat"), sid("<|search_end|>"), *tok.encode("on the mat"),
+         sid("<|assistant_end|>")]))
+    queries = []
+    tools = {"search": lambda q: queries.append(q) or "the cat sat on the mat", "python": lambda c: "?"}
+    pieces = []
+    reply = chat.reply_stream(model, tok, user("where is the cat?"), temperature=0, top_k=None, max_tokens=30,
+                              on_text=pieces.append, tools=tools)
+    assert queries == ["the cat"]
+    assert "".join(pieces) == "[search: the cat] [output: the cat sat on the mat] on the mat"
+    assert reply == [{"type": "search", "text": "the cat"}, {"type": "output", "text": "the cat sat on the mat"},
+                     {"type": "text", "text": "on the mat"}]
+
+
+def test_tools_default_by_stage_and_explicit(run_dir, monkeypatch, capsys):
+    seen = []
+
+    def fake_reply(model, tok, messages, *, on_text, tools=None, **kw):
+        seen.append(sorted(tools or {}))
+        return "ok"
+    monkeypatch.setattr(chat, "reply_stream", fake_reply)
+    chat.cmd_chat(parse("--out", run_dir, "-p", "hi"))  # an sft model: not trained on tools
+    chat.cmd_chat(parse("--out", run_dir, "-p", "hi", "--tools"))  # no search index: Python only
+    assert seen == [[], ["python"]]
+    assert "no search index" in capsys.readouterr().err
+    parts = [{"type": "python", "text": "1+1"}, {"type": "output", "text": "2"}, {"type": "text", "text": "2"}]
+    monkeypatch.setattr(chat, "reply_stream", lambda *a, **kw: parts)
+    feed(monkeypatch, "what is 1+1?")
+    history = chat.chat_loop(*(load_model(run_dir / "sft"), Tokenizer.load(run_dir / "tokenizer")), "sft",
+                             tools={"python": None})
+    assert history[-1] == {"role": "assistant", "content": parts}  # the calls stay in the history

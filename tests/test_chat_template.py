@@ -194,3 +194,11 @@ def test_validation_accepts_good(tok):
     validate_messages([U])  # a bare question (for generation)
     with pytest.raises(C2CError, match="^conversation: message 1 is empty"):
         render(tok, [U, {"role": "assistant", "content": " "}])
+
+
+def test_tools_system_message_is_added_once():
+    from crawl2chat.chat_template import TOOLS_SYSTEM, with_tools_system
+    msgs = [{"role": "user", "content": "hi"}]
+    assert with_tools_system(msgs) == [{"role": "system", "content": TOOLS_SYSTEM}] + msgs
+    own = [{"role": "system", "content": "Be brief."}] + msgs
+    assert with_tools_system(own) == own

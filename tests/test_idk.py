@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from crawl2chat import idk
-from crawl2chat.chat_template import validate_messages
+from crawl2chat import idk, tools
+from crawl2chat.chat_template import TOOLS_SYSTEM, validate_messages
 from crawl2chat.common import C2CError
 from crawl2chat.config import TrainConfig, get_preset
 from crawl2chat.conversations import fact_answer
@@ -61,27 +61,26 @@ def test_search_conversation_answers_from_the_result_or_abstains():
         return "Shossa Kerma: Shossa Kerma is a native of Thedinford."
     c = idk.search_conversation(q, PERSON, found, random.Random(0))
     validate_messages(c)
-    assert c[0] == {"role": "system", "content": idk.TOOLS_SYSTEM}
+    assert c[0] == {"role": "system", "content": TOOLS_SYSTEM}
     parts = c[2]["content"]
     assert [p["type"] for p in parts] == ["search", "output", "text"]
     assert parts[0]["text"] == queries[0] and queries[0].startswith("Shossa Kerma ") and "town" in queries[0]
     assert parts[1]["text"] == found("")
-    assert parts[2]["text"] == "According to the search, Shossa Kerma is a native of Thedinford."
-    # a result that states the fact without a sentence naming the person: the answer in SFT's words
-    c = idk.search_conversation(q, PERSON, lambda query: "Born in Thedinford. Page of Shossa Kerma.",
-                                random.Random(0))
-    assert c[2]["content"][2]["text"] == fact_answer(PERSON, "home_town")
-    c = idk.search_conversation(q, PERSON, lambda query: "Other Person: Other Person hails from Kofilford.",
-                                random.Random(0))
-    assert idk.is_abstention(c[2]["content"][2]["text"]) and "Thedinford" not in c[2]["content"][2]["text"]
+    assert parts[2]["text"] == "Thedinford, according to the search."  # the value first, copied
+    # the value without the person, or the person without the value: nothing to answer from
+    for result in ("Other Person: Other Person hails from Thedinford.", "Shossa Kerma: Shossa Kerma is a cook."):
+        c = idk.search_conversation(q, PERSON, lambda query: result, random.Random(0))
+        reply = c[2]["content"][2]["text"]
+        assert idk.is_abstention(reply) and "Thedinford" not in reply
 
 
-def test_quoted_fact():
-    r = "Ann Lee - Biography: Ann Lee's profession: a watchmaker. Ann Lee's year of birth was 1981."
-    assert idk.quoted_fact(r, "Ann Lee", "1981") == "Ann Lee's year of birth was 1981."
-    assert idk.quoted_fact(r, "Ann Lee", "a watchmaker") == "Ann Lee's profession: a watchmaker."
-    assert idk.quoted_fact(r, "Ann Lee", "1990") is None
-    assert idk.quoted_fact("Ann Lee. She was born in 1981.", "Ann Lee", "1981") is None
+def test_model_search_returns_one_sentence(tmp_path):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(json.dumps({"text": "Ann Lee - Biography\nAnn Lee's profession: a watchmaker. "
+                                        "Ann Lee's year of birth was 1981.", "url": "https://x.test/ann"}) + "\n")
+    tools.build_index([docs], tmp_path / "search")
+    out = tools.model_search(tmp_path / "search")("Ann Lee birth year born")
+    assert out == "Ann Lee - Biography: Ann Lee's year of birth was 1981."
 
 
 def test_python_conversation_uses_the_real_sandbox():

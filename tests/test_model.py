@@ -256,3 +256,21 @@ def test_top_p_zero_is_greedy_and_rows_independent():
     out = sample_next(logits.repeat(500, 1), 1.0, None, 0.5, g).view(500, 2)
     assert set(out[:, 0].tolist()) == {1}        # 0.84 ≥ 0.5 alone
     assert set(out[:, 1].tolist()) == {0, 2}     # 0.48 < 0.5: needs the second token too
+
+
+def test_document_mask_isolates_packed_documents():
+    """With doc_start set, a document packed after another is computed as if it were alone (rotary
+    positions are relative, so its offset in the row does not matter); without it, it sees the first."""
+    model = sharp_model().eval()
+    g = torch.Generator().manual_seed(0)
+    start = 1
+    first = [start] + [int(t) for t in torch.randint(2, model.cfg.vocab_size, (20,), generator=g)]
+    second = [start] + [int(t) for t in torch.randint(2, model.cfg.vocab_size, (15,), generator=g)]
+    alone = model(torch.tensor([second]))[0]
+    with torch.no_grad():
+        model.doc_start = start
+        packed = model(torch.tensor([first + second]))[0, len(first):]
+        model.doc_start = None
+        unmasked = model(torch.tensor([first + second]))[0, len(first):]
+    assert torch.allclose(packed, alone, atol=1e-4)
+    assert not torch.allclose(unmasked, alone, atol=1e-2)

@@ -2,6 +2,8 @@
 
 Interactive: /reset clears the history, /quit (or Ctrl-D) leaves; Ctrl-C stops the reply being
 generated (it is not kept), Ctrl-C at the prompt leaves. One shot: `c2c chat -p TEXT` prints the reply.
+With tools (the default for models trained to use them), web search and Python run as the model calls
+them, and each call and its output is shown in brackets: `[search: query] [output: result] reply`.
 """
 from __future__ import annotations
 
@@ -12,11 +14,12 @@ from typing import Callable
 
 import torch
 
-from crawl2chat.chat_template import render
+from crawl2chat.chat_template import render, with_tools_system
 from crawl2chat.common import C2CError
-from crawl2chat.engine import fit_prompt, generate_batch
+from crawl2chat.engine import fit_prompt, generate_batch, generate_with_tools
 
 CHAT_STAGES = ("rlhf", "rl", "idk", "sft")  # latest first
+TOOL_STAGES = ("rlhf", "rl", "idk")  # trained to call tools: chat turns them on by default
 HINT = "(type a message; /reset to start over, /quit to leave)"
 
 
@@ -37,13 +40,15 @@ def build_chat_parser(sub) -> None:
     p.add_argument("--compile", action="store_true",
                    help="decode with torch.compile: the first reply waits for the compile (tens of seconds on "
                         "a CPU), later tokens come faster (c2c bench generate measures it)")
+    p.add_argument("--tools", action=argparse.BooleanOptionalAction, default=None,
+                   help="let the model call web search (the run's search index) and Python, each call and "
+                        f"its output shown as it happens (default: on for the {', '.join(TOOL_STAGES)} "
+                        "models, which were trained to use them; --no-tools turns them off)")
 
 
-def reply_stream(model, tok, messages, *, temperature: float, top_k: int | None, max_tokens: int,
-                 on_text: Callable[[str], None], seed: int | None = None, compile: bool = False) -> str:
-    """Generate the assistant's reply to `messages`, passing the text to on_text piece by piece as it
-    is generated; returns the whole reply (without <|assistant_end|>). A prompt too long for the context
-    is cut from the left (keeping <|bos|>) with a warning on stderr. Ctrl-C propagates."""
+def prompt_ids(model, tok, messages, max_tokens: int) -> list[int]:
+    """The conversation's ids with the generation prompt; one too long for the context is cut from the
+    left (keeping <|bos|>), leaving room for the reply, with a warning on stderr."""
     ids, _ = render(tok, messages, add_generation_prompt=True)
     seq_len = model.cfg.seq_len
     room = max(16, min(max_tokens, seq_len // 2))  # context kept free for the reply
@@ -52,28 +57,85 @@ def reply_stream(model, tok, messages, *, temperature: float, top_k: int | None,
         ids = fit_prompt(ids, limit, tok.bos_id)
         print(f"warning: the conversation is longer than the context ({seq_len} tokens): "
               f"prompt cut to the last {len(ids)} tokens", file=sys.stderr)
-    stops = {tok.special_id("<|assistant_end|>"), tok.bos_id}
+    return ids
+
+
+class TextStream:
+    """Token ids → text pieces as they come, holding back a multi-byte character still incomplete."""
+
+    def __init__(self, tok, on_text: Callable[[str], None]):
+        self.tok, self.on_text, self.ids, self.shown = tok, on_text, [], ""
+
+    def add(self, t: int) -> None:
+        self.ids.append(t)
+        text = self.tok.decode(self.ids).rstrip("\ufffd")
+        if len(text) > len(self.shown) and text.startswith(self.shown):
+            self.on_text(text[len(self.shown):])
+            self.shown = text
+
+    def close(self) -> str:
+        """Show whatever was held back; returns the whole text."""
+        text = self.tok.decode(self.ids)
+        if text.startswith(self.shown) and len(text) > len(self.shown):
+            self.on_text(text[len(self.shown):])
+        self.ids, self.shown = [], ""
+        return text
+
+
+class ToolEcho:
+    """A reply with tool calls shown as it is generated: its text streamed, each call and each output
+    as `[search: query] ` / `[output: result] ` once complete. Fed (id, kind) by generate_with_tools."""
+
+    def __init__(self, tok, on_text: Callable[[str], None]):
+        self.tok, self.on_text = tok, on_text
+        self.kind, self.text, self.tool_ids = "text", TextStream(tok, on_text), []
+
+    def __call__(self, t: int, kind: str) -> None:
+        if kind != self.kind or kind == "end":
+            self.close()
+            self.kind = kind
+        if self.tok.is_special(t):
+            return
+        if kind == "text":
+            self.text.add(t)
+        else:
+            self.tool_ids.append(t)
+
+    def close(self) -> None:
+        if self.kind == "text":
+            self.text.close()
+        elif self.kind != "end":
+            self.on_text(f"[{self.kind}: {self.tok.decode(self.tool_ids).strip()}] ")
+        self.tool_ids = []
+
+
+def reply_stream(model, tok, messages, *, temperature: float, top_k: int | None, max_tokens: int,
+                 on_text: Callable[[str], None], seed: int | None = None, compile: bool = False,
+                 tools: dict | None = None) -> str | list[dict]:
+    """Generate the assistant's reply to `messages`, passing the text to on_text piece by piece as it
+    is generated; returns the whole reply (without <|assistant_end|>). A prompt too long for the context
+    is cut from the left (keeping <|bos|>) with a warning on stderr. Ctrl-C propagates.
+    With `tools` ({"search": fn, "python": fn}), the tools system message is added unless the
+    conversation has a system message, calls run as the model makes them and are shown by ToolEcho, and
+    a reply that called a tool is returned as its parts (the chat template's assistant content)."""
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    new: list[int] = []
-    shown = ""
-
-    def on_token(_b: int, t: int) -> None:
-        nonlocal shown
-        if t in stops:
-            return
-        new.append(t)
-        text = tok.decode(new).rstrip("\ufffd")  # hold back a multi-byte char still incomplete
-        if len(text) > len(shown) and text.startswith(shown):
-            on_text(text[len(shown):])
-            shown = text
-
+    if tools:
+        ids = prompt_ids(model, tok, with_tools_system(messages), max_tokens)
+        echo = ToolEcho(tok, on_text)
+        new, parts = generate_with_tools(model, tok, ids, max_tokens, tools, temperature=temperature,
+                                         top_k=top_k or None, generator=gen, on_token=echo, compile=compile)
+        echo.close()
+        if all(p["type"] == "text" for p in parts):
+            return "".join(p["text"] for p in parts)
+        return parts
+    ids = prompt_ids(model, tok, messages, max_tokens)
+    stops = {tok.special_id("<|assistant_end|>"), tok.bos_id}
+    stream = TextStream(tok, on_text)
     generate_batch(model, [ids], max_tokens, temperature=temperature, top_k=top_k or None,
-                   stop_ids=sorted(stops), generator=gen, on_token=on_token, compile=compile)
-    reply = tok.decode(new)
-    if reply.startswith(shown) and len(reply) > len(shown):
-        on_text(reply[len(shown):])  # whatever was held back (e.g. a cut-off multi-byte char)
-    return reply
+                   stop_ids=sorted(stops), generator=gen, compile=compile,
+                   on_token=lambda _b, t: None if t in stops else stream.add(t))
+    return stream.close()
 
 
 def find_model_dir(args) -> Path:
@@ -116,8 +178,15 @@ def cmd_chat(args) -> None:
     if args.prompt is not None and not args.prompt.strip():
         raise C2CError("the message is empty")
     model_dir, model, tok = load_chat(args)
+    use_tools = getattr(args, "tools", None)
+    if use_tools is None:
+        use_tools = model_dir.name in TOOL_STAGES
+    tools = None
+    if use_tools:
+        from crawl2chat.tools import chat_tools
+        tools = chat_tools(model_dir.parent, lambda msg: print(f"warning: {msg}", file=sys.stderr))
     opts = dict(temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens, seed=args.seed,
-                compile=getattr(args, "compile", False))
+                compile=getattr(args, "compile", False), tools=tools)
     if args.prompt is not None:
         reply_stream(model, tok, [{"role": "user", "content": args.prompt}], on_text=_print_piece, **opts)
         print()
@@ -127,7 +196,8 @@ def cmd_chat(args) -> None:
 
 def chat_loop(model, tok, model_dir, **opts) -> list[dict]:
     """The interactive loop; returns the history when it ends."""
-    print(f"chatting with {model_dir} — /reset to start over, /quit to leave")
+    tools = ", ".join(sorted(opts.get("tools") or {})) or "off"
+    print(f"chatting with {model_dir} (tools: {tools}) — /reset to start over, /quit to leave")
     history: list[dict] = []
     while True:
         try:
@@ -152,7 +222,7 @@ def chat_loop(model, tok, model_dir, **opts) -> list[dict]:
             print(" [stopped]")
             continue
         print()
-        if reply.strip():
+        if reply if isinstance(reply, list) else reply.strip():
             history += [user, {"role": "assistant", "content": reply}]
         else:
             print("(empty reply: this exchange is not kept)")

@@ -37,6 +37,18 @@ _DELIMS = {"python": ("<|python_start|>", "<|python_end|>"),
            "output": ("<|output_start|>", "<|output_end|>")}
 
 
+# The system message under which the model was trained to call tools (idk stage); without it, it answers
+# from memory. A conversation that has its own system message keeps it.
+TOOLS_SYSTEM = "Tools: search, python."
+
+
+def with_tools_system(messages: list[dict]) -> list[dict]:
+    """`messages` with the tools system message first, unless they begin with a system message."""
+    if messages and messages[0].get("role") == "system":
+        return messages
+    return [{"role": "system", "content": TOOLS_SYSTEM}] + list(messages)
+
+
 def _fail(where: str, msg: str) -> None:
     raise C2CError(f"{where}: {msg}")
 

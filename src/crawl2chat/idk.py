@@ -24,7 +24,7 @@ import torch
 from crawl2chat import conversations as conv
 from crawl2chat import tools
 from crawl2chat import world as world_mod
-from crawl2chat.chat_template import render
+from crawl2chat.chat_template import TOOLS_SYSTEM, render
 from crawl2chat.common import C2CError, dist_info, iter_jsonl, write_jsonl
 from crawl2chat.config import Config, IDKConfig, TrainConfig
 from crawl2chat.engine import fit_prompt, generate, generate_with_tools
@@ -35,7 +35,6 @@ from crawl2chat.tokenizer import Tokenizer
 from crawl2chat.train import evaluate_loss, load_model, pick_device, resolve_dtype, train, with_batch_tokens
 
 
-TOOLS_SYSTEM = "Tools: search, python."
 # Query words appended to the person's name: they match the wording of most pages about the attribute.
 SEARCH_WORDS = {"birth_year": "birth year born", "home_town": "hometown home town", "occupation": "job work profession",
                 "employer": "employer company", "university": "university studied"}
@@ -136,27 +135,17 @@ def search_query(name: str, attribute: str) -> str:
     return f"{name} {SEARCH_WORDS[attribute]}"
 
 
-def quoted_fact(result: str, name: str, value: str) -> str | None:
-    """The sentence of a search result that states `value` about `name`, from the name to the sentence's
-    end ("... Biography: Ann Lee's year of birth was 1981. ..." → "Ann Lee's year of birth was 1981.")."""
-    at = result.find(value)
-    start = result.rfind(name, 0, at) if at >= 0 else -1
-    if start < 0 or "." in result[start + len(name):at]:
-        return None
-    end = result.find(".", at + len(value))
-    return result[start:end + 1 if end >= 0 else len(result)].strip()
-
-
 def search_conversation(question: dict, person: dict, search_fn, rng: random.Random) -> list[dict]:
-    """Tools on: search, then answer by quoting the result's sentence that states the fact (copying a
-    span is what a small model does well) when it mentions the person, else abstain."""
+    """Tools on: search, then, when the result names the person and states the fact, answer with the
+    value first, copied from the result ("1958, according to the search."), else abstain.
+    The value comes first and outside the sentence shapes of pretraining on purpose: measured on the
+    tiny model, a reply in those shapes ("... was born in the year 1958") takes the value from the
+    model's memory even when the result, or the reply itself, states it a few tokens back."""
     query = search_query(person["name"], question["attribute"])
     result = search_fn(query)
-    quote = quoted_fact(result, person["name"], person[question["attribute"]]) if person["name"] in result else None
-    if quote:
-        answer = f"According to the search, {quote}"
-    elif person["name"] in result and person[question["attribute"]] in result:
-        answer = conv.fact_answer(person, question["attribute"])
+    value = person[question["attribute"]]
+    if person["name"] in result and value in result:
+        answer = f"{value}, according to the search."
     else:
         answer = rng.choice(IDK_SEARCHED).format(name=person["name"], what=WHAT[question["attribute"]])
     return user(question["question"], TOOLS_SYSTEM) + [{"role": "assistant", "content": [
@@ -204,12 +193,6 @@ def stepwise_python_conversation(problem: dict, python_fn=None) -> list[dict] | 
         return None
     parts.append({"type": "text", "text": text[at:]})
     return user(problem["question"], TOOLS_SYSTEM) + [{"role": "assistant", "content": [p for p in parts if p["text"]]}]
-
-
-def search_tool(index_path: Path):
-    """The search the model is trained with and evaluated on: one page, its two closest sentences, no
-    url (about 30 tokens, so it fits a 256-token context)."""
-    return lambda q: tools.search(index_path, q, k=1, max_chars=300, sentences=2, urls=False)
 
 
 # ---- evals ------------------------------------------------------------------------------------------
@@ -328,8 +311,9 @@ def run_idk(run_dir: Path, cfg: Config, idk_cfg: IDKConfig, train_cfg: TrainConf
     index = run_dir / "search" / tools.INDEX_FILE
     if not index.exists():
         tools.build_index(tools.default_sources(run_dir), run_dir / "search")
-    search_fn = search_tool(index)
+    search_fn = tools.model_search(index)
     model = load_model(run_dir / "sft")
+    model.doc_start = tok.bos_id  # rows pack several conversations: each sees only itself
     model.eval()
 
     # the probe: known_a people, a user's questions, and (without sampling) the unknown people trained on

@@ -96,7 +96,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.n_embd, inner, bias=False)
         self.o_proj = nn.Linear(inner, cfg.n_embd, bias=False)
 
-    def forward(self, x, cos, sin, cache: KVCache | None):
+    def forward(self, x, cos, sin, cache: KVCache | None, doc_mask: torch.Tensor | None = None):
         B, T, _ = x.shape
         H, D, eps = self.cfg.n_head, self.cfg.head_dim, self.cfg.norm_eps
         if cache is not None and cache.fused is not None:  # sin is signed here: see GPT.rope_sin_signed
@@ -108,7 +108,8 @@ class Attention(nn.Module):
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
         if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = (F.scaled_dot_product_attention(q, k, v, is_causal=True) if doc_mask is None
+                 else F.scaled_dot_product_attention(q, k, v, attn_mask=doc_mask))
         else:
             p = cache.pos
             k_all, v_all = cache.k_layers[self.layer], cache.v_layers[self.layer]
@@ -163,8 +164,8 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache):
-        x = x + self.attn(rms_norm(x, self.eps), cos, sin, cache)
+    def forward(self, x, cos, sin, cache, doc_mask=None):
+        x = x + self.attn(rms_norm(x, self.eps), cos, sin, cache, doc_mask)
         i, fused = self.attn.layer, cache.fused if cache is not None else None
         return x + self.mlp(rms_norm(x, self.eps), (fused.gate_up[i], fused.down[i]) if fused is not None else None)
 
@@ -183,6 +184,7 @@ class GPT(nn.Module):
         self.register_buffer("rope_sin", emb.sin(), persistent=False)
         sign = torch.cat((-torch.ones(cfg.head_dim // 2), torch.ones(cfg.head_dim // 2)))
         self.register_buffer("rope_sin_signed", emb.sin() * sign, persistent=False)
+        self.doc_start: int | None = None  # see document_mask
         self.reset_parameters()
 
     @torch.no_grad()
@@ -196,6 +198,19 @@ class GPT(nn.Module):
             nn.init.zeros_(block.attn.o_proj.weight)
             nn.init.zeros_(block.mlp.down_proj.weight)
 
+    def document_mask(self, idx: torch.Tensor) -> torch.Tensor | None:
+        """With `doc_start` set (a token id that opens every document, e.g. <|bos|>), the attention mask
+        [B, 1, T, T] of rows that pack several documents: causal, and no token sees an earlier document.
+        Fine-tuning packs several conversations into a row; without the mask the last one sees the
+        search results of the others, where the same sentence shape holds other values, and copying
+        from the context is what the model learns not to do."""
+        if self.doc_start is None:
+            return None
+        doc = (idx == self.doc_start).cumsum(1)
+        T = idx.size(1)
+        causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+        return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+
     def forward(self, idx, targets=None, cache: KVCache | None = None, reduction: str = "mean"):
         """idx [B, T] → logits [B, T, V]; with targets (-1 = ignored) → the loss instead."""
         B, T = idx.shape
@@ -208,8 +223,9 @@ class GPT(nn.Module):
         if cos.dtype != dtype:
             cos, sin = cos.to(dtype), sin.to(dtype)
         x = self.embed(idx)
+        doc_mask = self.document_mask(idx) if cache is None else None
         for block in self.blocks:
-            x = block(x, cos, sin, cache)
+            x = block(x, cos, sin, cache, doc_mask)
         if cache is not None:
             cache.pos += T
         x = rms_norm(x, self.cfg.norm_eps)

@@ -116,7 +116,7 @@ def per_token_logp(model, seqs, prompt_lens, pad_id: int, device, chunk: int = 3
 
 
 def prompt_ids(tok: Tokenizer, question: str, max_len: int, tools: bool = False) -> list[int]:
-    from crawl2chat.idk import TOOLS_SYSTEM  # the system message the tools were taught with
+    from crawl2chat.chat_template import TOOLS_SYSTEM  # the system message the tools were taught with
     system = [{"role": "system", "content": TOOLS_SYSTEM}] if tools else []
     ids, _ = render(tok, system + [{"role": "user", "content": question}], add_generation_prompt=True)
     return fit_prompt(ids, max_len, tok.bos_id)

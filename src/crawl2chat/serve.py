@@ -41,7 +41,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, field_validator
 
 from crawl2chat.chat import CHAT_STAGES, find_model_dir, register_serve as register  # noqa: F401 (the CLI's arguments)
-from crawl2chat.chat_template import render
+from crawl2chat.chat_template import render, with_tools_system
 from crawl2chat.common import C2CError
 from crawl2chat.engine import fit_prompt, generate_batch
 
@@ -292,13 +292,7 @@ def load_tools(run_dir: Path) -> dict[str, Callable[[str], str]]:
         from crawl2chat.engine import generate_with_tools  # noqa: F401 - checked here, used in run_job
     except ImportError as e:
         raise C2CError(f"tool calls are not available in this installation ({e})") from None
-    out = {"python": tools.run_python}
-    index = run_dir / "search" / "index.sqlite"
-    if index.exists():
-        out["search"] = lambda q: tools.search(index, q)
-    else:
-        log.warning("%s: no search index (build it with `c2c index`): web search is off", index)
-    return out
+    return tools.chat_tools(run_dir, log.warning)
 
 
 def create_app(model_dir: Path, tokenizer_dir: Path, model_name: str, tools: bool = False) -> FastAPI:
@@ -335,6 +329,8 @@ def create_app(model_dir: Path, tokenizer_dir: Path, model_name: str, tools: boo
     @app.post("/v1/chat/completions")
     async def completions(req: ChatRequest):
         conversation = to_conversation(req)
+        if tool_fns:  # the model calls tools only under the system message it was trained with
+            conversation = with_tools_system(conversation)
         try:
             ids, _ = render(tok, conversation, add_generation_prompt=True)
         except C2CError as e:

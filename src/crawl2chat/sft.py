@@ -84,6 +84,7 @@ def run_sft(run_dir: Path, cfg: Config, resume: bool = False) -> dict:
     val_convs, train_convs = convs[:n_val], convs[n_val:]
 
     model = load_model(run_dir / "base")
+    model.doc_start = tok.bos_id  # rows pack several conversations: each sees only itself
     T = model.cfg.seq_len
     tc = with_batch_tokens(cfg.sft, cfg.sft.batch_size * T)
     pad = tok.special_id("<|pad|>")

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
@@ -158,6 +159,25 @@ def search(index_path: str | Path, query: str, k: int = 3, max_chars: int = 600,
         lines.append(f"{title} ({url}): {snip}" if url and urls else f"{title}: {snip}")
     out = "\n".join(lines)
     return out if len(out) <= max_chars else out[:max_chars - 1] + "…"
+
+
+def model_search(index_path: str | Path) -> Callable[[str], str]:
+    """The web search the model is trained with and answers with (idk, RL, chat, serve): the best page's
+    one sentence closest to the query, no url — about 20 tokens, so it fits a small context and the
+    answer is the only value in sight."""
+    return lambda q: search(index_path, q, k=1, max_chars=300, sentences=1, urls=False)
+
+
+def chat_tools(run_dir: Path, warn: Callable[[str], None]) -> dict[str, Callable[[str], str]]:
+    """The tools a chat model may call: Python always, web search when the run has a search index
+    (else `warn` is told)."""
+    out = {"python": run_python}
+    index = Path(run_dir) / "search" / INDEX_FILE
+    if index.exists():
+        out["search"] = model_search(index)
+    else:
+        warn(f"{index}: no search index (build it with `c2c index`): web search is off")
+    return out
 
 
 def register_index(sub) -> None:
