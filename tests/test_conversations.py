@@ -219,10 +219,27 @@ def test_bigger_world_defaults():
     cfg.n_known, cfg.n_problems_train = 120, 100
     world = W.build_world(cfg)
     convs = world_conversations(world, seed=3)
-    assert len(convs) == 300 + 200 + 60 * 6 + 100
+    assert len(convs) == 300 + 200 + len(world["splits"]["known_a"]) * 6 + 100
     assert len(world_conversations(world, seed=3, n_math=10)) == len(convs) - 90
     text = "\n".join(_text(c) for c in convs)
     assert not any(n in text for s in ("known_b", "search_only", "unknown") for n in world["splits"][s])
     for attr, pool in FACT_QUESTIONS.items():
         for q in pool:  # every phrasing used many times
             assert sum(text.count(q.split("{name}")[0] + n) for n in world["splits"]["known_a"]) >= 5, q
+
+
+def test_probe_holdout_people_are_in_no_chat(world):
+    """chat_people and probe_people split known_a (the probe's share capped at a third); the SFT mix of a
+    world run (fact questions, follow-ups, open-ended requests) never names a probe person."""
+    from crawl2chat.conversations import chat_people, probe_people
+    from crawl2chat.sft import load_conversations as sft_conversations
+    known_a = world["splits"]["known_a"]
+    chat, probe = chat_people(world, 2), probe_people(world, 2)
+    assert chat + probe == known_a and len(probe) == 2
+    assert len(probe_people(world, 10_000)) == len(known_a) // 3 > 0
+    assert chat_people(world, 0) == known_a and probe_people(world, 0) == []
+    cfg = config.get_preset("smoke")
+    cfg.chat_data.probe_holdout = 2
+    text = "\n".join(_text(c) for c in sft_conversations(Path("nowhere"), cfg, world))
+    assert all(name in text for name in chat)
+    assert not any(name in text for name in probe)

@@ -16,8 +16,9 @@ def test_oracle_review_then_sft_on_corrections(smoke_run, copy_run, capsys):
     assert stats["reviewed"] == len(rows) == len(w["splits"]["known_a"]) * len(world.ATTRIBUTES)
     people = {p["name"]: p for p in w["people"]}
     for row in rows:
-        assert set(row) == {"prompt", "model_answer", "corrected"}
-        if row["corrected"]:  # the oracle's sentence states the ground truth about the person asked
+        assert set(row) == {"prompt", "model_answer", "corrected", "answer"}  # the oracle's answer is shown
+        if row["corrected"]:
+            assert row["answer"] in row["corrected"]  # the oracle's sentence states the ground truth about the person asked
             name = next(n for n in w["splits"]["known_a"] if n in row["prompt"])
             assert name in row["corrected"]
             assert any(people[name][a] in row["corrected"] for a in world.ATTRIBUTES)
@@ -37,8 +38,14 @@ def test_default_run_applies_one_oracle_round(smoke_run):
     assert sft["corrections_reviewed"] == len(rows) == len(w["splits"]["known_a"]) * len(world.ATTRIBUTES)
     assert sft["corrections_wrong"] == sum(bool(r["corrected"]) for r in rows)
     assert 0 <= sft["fact_qa_acc_before_corrections"] <= 1 and 0 <= sft["fact_qa_acc"] <= 1
+    assert sft["corrections_wrong"] > 0  # the smoke model is wrong often enough to need a round
     steps = [json.loads(line)["step"] for line in (smoke_run / "sft" / "corrections" / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == sft["corrections_steps"] > 0
+    # one pass over the corrections and their replay, capped by correction_steps
+    cfg = json.loads((smoke_run / "config.json").read_text())
+    batch = cfg["sft"]["batch_size"]
+    assert sft["corrections_steps"] == min(cfg["chat_data"]["correction_steps"], -(-sft["corrections_rows"] // batch))
+    assert 0 <= sft["corrections_fixed"] <= 1
 
 
 def test_corrections_file_errors(tmp_path):

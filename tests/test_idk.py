@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from crawl2chat import idk, tools
+from crawl2chat import conversations, idk, tools
+from crawl2chat import world as world_mod
 from crawl2chat.chat_template import TOOLS_SYSTEM, validate_messages
 from crawl2chat.common import C2CError
 from crawl2chat.config import TrainConfig, get_preset
@@ -162,6 +163,7 @@ def test_run_idk_end_to_end(smoke_run, copy_run, tmp_path):
     questions = tmp_path / "q.jsonl"
     questions.write_text(json.dumps({"question": "What is the capital of France?", "answer": "Paris"}) + "\n")
     cfg = get_preset("smoke")
+    cfg.chat_data.probe_holdout = 2
     icfg = idk.IDKConfig(questions=[str(questions)], probe_people=3, k=2, m=1, max_new_tokens=12, known_search=3,
                          n_bignum=3, n_word_python=4, eval_people=2, eval_search=3, eval_bignum=2)
     tc = TrainConfig(steps=3, batch_size=4, lr=1e-4, warmup_steps=1, eval_every=3, eval_batches=1,
@@ -171,6 +173,10 @@ def test_run_idk_end_to_end(smoke_run, copy_run, tmp_path):
     probe = [json.loads(line) for line in (run / "idk" / "probe.jsonl").read_text().splitlines()]
     assert len(probe) == 3 * 5 + 1 == out["probe_n"]
     assert probe[-1]["question"] == "What is the capital of France?"
+    # people the model knows from pretraining alone come first: those SFT left out for the probe
+    names = conversations.probe_people(world_mod.load_world(run / "world"), 2)
+    names += conversations.chat_people(world_mod.load_world(run / "world"), 2)[:1]
+    assert [r["name"] for r in probe[:15]] == [n for n in names for _ in range(5)]
     for row in probe:
         assert row["k"] == 2 and 0 <= row["n_right"] <= 2 and row["known"] == (row["n_right"] >= 1)
     assert out["probe_known_share"] == sum(r["known"] for r in probe) / len(probe)

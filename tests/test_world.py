@@ -51,7 +51,7 @@ def test_splits(w, request):
     cfg = world["config"]
     s = world["splits"]
     assert len(s["known_a"]) + len(s["known_b"]) == cfg["n_known"]
-    assert abs(len(s["known_a"]) - len(s["known_b"])) <= 1
+    assert len(s["known_a"]) == round(cfg["n_known"] * cfg["known_a_share"]) < cfg["n_known"]
     assert len(s["search_only"]) == cfg["n_search_only"] and len(s["unknown"]) == cfg["n_unknown"]
     all_names = [n for v in s.values() for n in v]
     assert len(all_names) == len(set(all_names)) == len(world["people"])
@@ -207,7 +207,7 @@ def test_write_load_round_trip(world, tmp_path):
     for f in ("corpus.jsonl", "search_only.jsonl", "facts.json", "problems_train.jsonl", "problems_test.jsonl",
               "bignum_train.jsonl", "bignum_test.jsonl"):
         assert (tmp_path / f).exists(), f
-    assert stats["people"]["known_a"] == 10 and stats["documents"]["bio"] == 100
+    assert stats["people"]["known_a"] == 16 and stats["documents"]["bio"] == 100
     lines = (tmp_path / "corpus.jsonl").read_text().splitlines()
     assert len(lines) == len(world["documents"]) and json.loads(lines[0]) == world["documents"][0]
     loaded = load_world(tmp_path)

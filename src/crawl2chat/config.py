@@ -13,6 +13,7 @@ from crawl2chat.common import C2CError
 class WorldConfig:
     seed: int = 1337
     n_known: int = 300            # people in the pretraining corpus (split in halves A and B)
+    known_a_share: float = 0.8    # of them, half A: the people chat data may talk about; half B only pretraining saw
     n_search_only: int = 600      # pages only in the search index (their own random stream)
     n_unknown: int = 100          # nowhere
     n_towns: int = 40
@@ -96,11 +97,13 @@ class ChatDataConfig:
     val_fraction: float = 0.05    # held-out conversations for the SFT val loss
     max_math: int = 1000          # worked word problems from the world (the rest are for RL)
     fact_phrasings: int = 1       # distinct question phrasings per known_a person and attribute
+    probe_holdout: int = 0        # known_a people in no chat (at most a third), probed first by idk: known from pretraining only
     open_ended: int = 400         # open-ended requests with reference replies (the prompts RLHF trains on)
     corrections: str = ""         # a review file of expert corrections (c2c correct) to train on
     corrections_weight: int = 3   # times each correction is repeated in the SFT mix
     oracle_rounds: int = 1        # world runs: rounds of oracle corrections after SFT (0 = none; 1 at most)
-    correction_steps: int = 40    # training steps of a correction round, on the mix plus the corrections
+    correction_steps: int = 40    # at most this many steps in a correction round (one pass over its rows)
+    correction_replay: int = 8    # SFT conversations replayed per correction in the round
     correction_lr: float = 3e-4
     seed: int = 0
 
@@ -108,7 +111,7 @@ class ChatDataConfig:
 @dataclass
 class IDKConfig:
     questions: list = field(default_factory=list)  # extra {question, answer, source?} JSONL files to probe
-    probe_people: int = 100       # known_a people probed (× 5 attributes); 0 = none
+    probe_people: int = 100       # known_a people probed (× 5 attributes), chat_data.probe_holdout's first; 0 = none
     k: int = 4                    # sampled answers per probed question
     m: int = 2                    # known when at least m of the k are right
     temperature: float = 1.0

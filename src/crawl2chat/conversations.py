@@ -128,8 +128,23 @@ def _pick(groups: list, n: int, rng: random.Random, then: dict | None = None) ->
     return convs
 
 
+def chat_people(world: dict, probe_holdout: int = 0) -> list[str]:
+    """The known_a people chat data talks about: all but the last probe_holdout (at most a third), which
+    only the idk probe asks about, so that it trains answers and abstentions on people the model knows
+    from pretraining alone, as it knows half B."""
+    names = world["splits"]["known_a"]
+    return names[:len(names) - min(probe_holdout, len(names) // 3)]
+
+
+def probe_people(world: dict, probe_holdout: int) -> list[str]:
+    """The known_a people left out of chat data for the idk probe (see chat_people)."""
+    names = world["splits"]["known_a"]
+    return names[len(chat_people(world, probe_holdout)):]
+
+
 def world_conversations(world: dict, seed: int = 0, n_smalltalk: int = 300, n_identity: int = 200,
-                        n_math: int | None = None, fact_phrasings: int = 1) -> list[list[dict]]:
+                        n_math: int | None = None, fact_phrasings: int = 1,
+                        people: list[str] | None = None) -> list[list[dict]]:
     """Small talk, identity, fact questions on known_a people (fact_phrasings distinct phrasings per
     person and attribute, plus one
     multi-turn conversation per person) and worked word problems (world["problems"]["train"], the
@@ -141,7 +156,7 @@ def world_conversations(world: dict, seed: int = 0, n_smalltalk: int = 300, n_id
     for conv in convs[-n_identity::5] if n_identity else []:  # some identity after a greeting
         conv[:0] = _exchange(rng.choice(SMALLTALK[0][0]), rng.choice(SMALLTALK[0][1]))
 
-    people = _people(world, world["splits"]["known_a"])
+    people = _people(world, world["splits"]["known_a"] if people is None else people)
     start = {attr: rng.randrange(len(FACT_QUESTIONS[attr])) for attr in ATTRIBUTES}
     for i, person in enumerate(people):
         for attr in ATTRIBUTES:  # phrasings cycle over people, so each is used even in a small world
@@ -254,10 +269,11 @@ def load_oasst_trees(path) -> list[list[dict]]:
     return convs
 
 
-def open_ended_conversations(world: dict, seed: int = 0, n: int | None = None) -> list[list[dict]]:
+def open_ended_conversations(world: dict, seed: int = 0, n: int | None = None,
+                             people: list[str] | None = None) -> list[list[dict]]:
     """Open-ended requests (introduce a known_a person, a birthday note, describe a town or company, a
     pelican joke) with reference replies built from the true facts (crawl2chat.rubric), so that the
     chat model can answer the prompts the RLHF stage trains on. First n, shuffled by seed."""
     from crawl2chat.rubric import open_prompts, reference_reply  # rubric imports world only
     rng = random.Random(seed)
-    return [_exchange(p["prompt"], reference_reply(p["meta"], rng)) for p in open_prompts(world, seed, n)]
+    return [_exchange(p["prompt"], reference_reply(p["meta"], rng)) for p in open_prompts(world, seed, n, names=people)]

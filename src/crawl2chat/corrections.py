@@ -19,14 +19,18 @@ def review_rows(model, tok, prompts: list[str]) -> list[dict]:
     return [{"prompt": p, "model_answer": text, "corrected": ""} for p, (text, _) in zip(prompts, replies)]
 
 
-def world_review(model, tok, world: dict, oracle: bool, limit: int | None = None) -> tuple[list[dict], dict]:
-    """Fact questions about known people of half A (the half chat training may use); with `oracle`,
-    wrong answers get the ground-truth sentence as their correction."""
-    qs = fact_questions(world, world["splits"]["known_a"][:limit], seed=2)
+def world_review(model, tok, world: dict, oracle: bool, limit: int | None = None,
+                 names: list[str] | None = None) -> tuple[list[dict], dict]:
+    """Fact questions about known people of half A (the half chat training may use; `names` narrows
+    them to the people chat data talks about); with `oracle`,
+    wrong answers get the ground-truth sentence as their correction and every row the expected answer."""
+    qs = fact_questions(world, (world["splits"]["known_a"] if names is None else names)[:limit], seed=2)
     rows = review_rows(model, tok, [q["question"] for q in qs])
     people = {p["name"]: p for p in world["people"]}
     wrong = 0
     for q, row in zip(qs, rows):
+        if oracle:
+            row["answer"] = q["answer"]
         if not contains_answer(row["model_answer"], q["answer"]):
             wrong += 1
             if oracle:

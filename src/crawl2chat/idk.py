@@ -277,7 +277,7 @@ def build_mix(run_dir: Path, cfg: Config, idk_cfg: IDKConfig, world: dict, probe
     invented = invented_people_questions(world, idk_cfg.invented_people + idk_cfg.invented_search, idk_cfg.seed)
     honest += honesty_conversations(invented[:idk_cfg.invented_people], people, seed=idk_cfg.seed + 6)
     searching = conv.fact_questions(world, search_train, seed=idk_cfg.seed + 2)
-    known_a = conv.fact_questions(world, world["splits"]["known_a"], seed=idk_cfg.seed + 3)
+    known_a = conv.fact_questions(world, conv.chat_people(world, cfg.chat_data.probe_holdout), seed=idk_cfg.seed + 3)
     searching += rng.sample(known_a, min(idk_cfg.known_search, len(known_a)))
     searching += unknown_qs[::5]  # tools on, unknown people: the search finds nothing about them
     # tools on, invented people: many names never seen, copied into the query; the search finds nobody
@@ -319,7 +319,10 @@ def run_idk(run_dir: Path, cfg: Config, idk_cfg: IDKConfig, train_cfg: TrainConf
     # the probe: known_a people, a user's questions, and (without sampling) the unknown people trained on
     unknown_train, unknown_held = split_people(world, "unknown", idk_cfg.unknown_train, idk_cfg.seed)
     search_train, search_held = split_people(world, "search_only", idk_cfg.search_train, idk_cfg.seed)
-    probe_names = world["splits"]["known_a"][:idk_cfg.probe_people] if idk_cfg.probe_people else []
+    # people the model knows from pretraining alone first (as it knows half B), then people SFT talked about
+    held_out = conv.probe_people(world, cfg.chat_data.probe_holdout)
+    chatted = conv.chat_people(world, cfg.chat_data.probe_holdout)
+    probe_names = (held_out + chatted)[:idk_cfg.probe_people]
     questions = [dict(q, source="known_a") for q in conv.fact_questions(world, probe_names, seed=idk_cfg.seed)]
     for path in idk_cfg.questions:
         questions += load_questions(path)

@@ -47,14 +47,16 @@ def _meta(kind: str, name: str, facts: dict, others: list[str]) -> dict:
     return {"kind": kind, "name": name, "facts": facts, "others": others}
 
 
-def open_prompts(world: dict, seed: int = 0, n: int | None = None, people: str = "known_a") -> list[dict]:
+def open_prompts(world: dict, seed: int = 0, n: int | None = None, people: str = "known_a",
+                 names: list[str] | None = None) -> list[dict]:
     """Open-ended prompts [{prompt, meta}] about the world's `people` split (known_a by default: the
-    people SFT talks about), its towns and companies, plus pelican jokes. Shuffled by seed; first n."""
+    people SFT talks about) or the given names, its towns and companies, plus pelican jokes. Shuffled by
+    seed; first n."""
     rng = random.Random(seed)
     others = [t["name"] for t in world["towns"]] + [c["name"] for c in world["companies"]]
     index = {p["name"]: p for p in world["people"]}
     out = []
-    for name in world["splits"][people]:
+    for name in world["splits"][people] if names is None else names:
         p = index[name]
         facts = {a: p[a] for a in PERSON_FACTS}
         for kind, phrasings in PERSON_PROMPTS.items():

@@ -57,10 +57,11 @@ def load_conversations(run_dir: Path, cfg: Config, world: dict | None) -> list[l
     data = cfg.chat_data
     convs = []
     if world is not None:
+        people = conv.chat_people(world, data.probe_holdout)
         convs += conv.world_conversations(world, seed=data.seed, n_math=data.max_math,
-                                           fact_phrasings=data.fact_phrasings)
+                                           fact_phrasings=data.fact_phrasings, people=people)
         if data.open_ended:
-            convs += conv.open_ended_conversations(world, seed=data.seed, n=data.open_ended)
+            convs += conv.open_ended_conversations(world, seed=data.seed, n=data.open_ended, people=people)
     for path in data.extra:
         convs += conv.load_chat_jsonl(path)
     if data.oasst:
@@ -116,27 +117,38 @@ def run_sft(run_dir: Path, cfg: Config, resume: bool = False) -> dict:
 
 def oracle_round(model, tok, world: dict, run_dir: Path, cfg: Config, train_convs: list) -> dict:
     """One round of expert corrections with the world's ground truth as the expert: the model answers
-    the fact questions about half-A people (sft/review.jsonl), the wrong answers are corrected, and
-    training goes on for a few steps on the SFT mix plus the corrections (each corrections_weight
-    times). Every process computes the same greedy review, so the data agree under DDP."""
-    from crawl2chat.corrections import world_review
+    the fact questions about half-A people (sft/review.jsonl) and the wrong answers are corrected. Training
+    goes on over the corrections (each corrections_weight times) and a replay of correction_replay SFT
+    conversations per correction, one pass, at most correction_steps steps: a round with few wrong answers
+    is a short round, not more epochs of the SFT mix. Every process computes the same greedy review, so
+    the data agree under DDP."""
+    from crawl2chat.corrections import review_rows, world_review
     from crawl2chat.common import write_jsonl
+    from crawl2chat.evals import contains_answer
     from crawl2chat.train import save_model
     data = cfg.chat_data
-    rows, stats = world_review(model.float().eval(), tok, world, oracle=True)
+    rows, stats = world_review(model.float().eval(), tok, world, oracle=True,
+                               names=conv.chat_people(world, data.probe_holdout))
     if dist_info()[0] == 0:
         write_jsonl(run_dir / "sft" / "review.jsonl", rows)
+    fixed = [r for r in rows if r["corrected"]]
+    out = {"corrections_reviewed": stats["reviewed"], "corrections_wrong": stats["wrong"], "corrections_steps": 0}
+    if not fixed:
+        return out
     fixes = [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["corrected"]}]
-             for r in rows if r["corrected"]]
+             for r in fixed]
+    replay = random.Random(data.seed).sample(train_convs, min(len(train_convs), data.correction_replay * len(fixes)))
     T, pad = model.cfg.seq_len, tok.special_id("<|pad|>")
-    x, y, _ = pack([render(tok, c) for c in train_convs + fixes * data.corrections_weight], T, pad)
-    tc = replace(with_batch_tokens(cfg.sft, cfg.sft.batch_size * T), steps=data.correction_steps, lr=data.correction_lr,
-                 warmup_steps=min(2, data.correction_steps), eval_every=0, ckpt_every=data.correction_steps)
+    x, y, _ = pack([render(tok, c) for c in fixes * data.corrections_weight + replay], T, pad)
+    tc = with_batch_tokens(cfg.sft, cfg.sft.batch_size * T)
+    steps = max(1, min(data.correction_steps, -(-len(x) // (tc.batch_size * tc.grad_accum * dist_info()[2]))))
+    tc = replace(tc, steps=steps, lr=data.correction_lr, warmup_steps=0, eval_every=0, ckpt_every=steps)
     loader = RowLoader(x, y, tc.batch_size, seed=tc.seed + 1)
     train(model.train(), tc, run_dir / "sft" / "corrections",
           lambda step, micro, rank, world_size: loader.batch(step, micro, tc.grad_accum, rank, world_size),
           tokens_per_micro=tc.batch_size * T, desc="sft corrections")
     if dist_info()[0] == 0:
         save_model(model, run_dir / "sft")
-    return {"corrections_reviewed": stats["reviewed"], "corrections_wrong": stats["wrong"],
-            "corrections_steps": tc.steps}
+    answers = review_rows(model.float().eval(), tok, [r["prompt"] for r in fixed])
+    now_right = sum(contains_answer(a["model_answer"], r["answer"]) for a, r in zip(answers, fixed))
+    return {**out, "corrections_steps": steps, "corrections_rows": len(x), "corrections_fixed": now_right / len(fixed)}

@@ -2,7 +2,8 @@
 
 build_world(cfg) makes, from cfg.seed alone (random.Random, never global state or hash()):
 people with five facts each, towns, companies, a pretraining corpus (biographies in five
-training templates, Q&A pages about half the known people, town/company pages, worked
+training templates, Q&A pages about the known people of half A (the people chat data may talk
+about; half B, known_a_share of them fewer, only pretraining sees), town/company pages, worked
 arithmetic), biographies of search-only people (for the search index only), and arithmetic
 word problems (small numbers, and 5+ digit numbers that need the Python tool).
 
@@ -225,8 +226,8 @@ def _make_entities(cfg: WorldConfig, rng: random.Random) -> tuple[list, list, li
 
     people = new_people(n_people, rng)
     rng.shuffle(people)
-    half = cfg.n_known // 2
-    bounds = [("known_a", half), ("known_b", cfg.n_known - half), ("unknown", cfg.n_unknown)]
+    n_a = min(cfg.n_known - 1, max(1, round(cfg.n_known * cfg.known_a_share)))
+    bounds = [("known_a", n_a), ("known_b", cfg.n_known - n_a), ("unknown", cfg.n_unknown)]
     i = 0
     for split, n in bounds:
         for p in people[i:i + n]:
