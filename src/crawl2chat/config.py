@@ -12,8 +12,8 @@ from crawl2chat.common import C2CError
 @dataclass
 class WorldConfig:
     seed: int = 1337
-    n_known: int = 300            # people in the pretraining corpus (split in halves A and B)
-    known_a_share: float = 0.8    # of them, half A: the people chat data may talk about; half B only pretraining saw
+    n_known: int = 300            # people in the pretraining corpus, split into "half" A and "half" B
+    known_a_share: float = 0.8    # share in half A, the people chat data may talk about; half B only pretraining sees
     n_search_only: int = 600      # pages only in the search index (their own random stream)
     n_unknown: int = 100          # nowhere
     n_towns: int = 40

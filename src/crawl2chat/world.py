@@ -2,8 +2,8 @@
 
 build_world(cfg) makes, from cfg.seed alone (random.Random, never global state or hash()):
 people with five facts each, towns, companies, a pretraining corpus (biographies in five
-training templates, Q&A pages about the known people of half A (the people chat data may talk
-about; half B, known_a_share of them fewer, only pretraining sees), town/company pages, worked
+training templates, Q&A pages about the known people of half A (known_a_share of them: the people
+chat data may talk about; half B only pretraining sees), town/company pages, worked
 arithmetic), biographies of search-only people (for the search index only), and arithmetic
 word problems (small numbers, and 5+ digit numbers that need the Python tool).
 
