@@ -67,7 +67,8 @@ def test_search_conversation_answers_from_the_result_or_abstains():
     assert [p["type"] for p in parts] == ["search", "output", "text"]
     assert parts[0]["text"] == queries[0] and queries[0].startswith("Shossa Kerma ") and "town" in queries[0]
     assert parts[1]["text"] == found("")
-    assert parts[2]["text"] == "Thedinford, according to the search."  # the value first, copied
+    assert parts[2]["text"] == "The search says: Thedinford."
+    assert " Thedinford" in parts[1]["text"]  # after a space in both: the same tokens to copy
     # the value without the person, or the person without the value: nothing to answer from
     for result in ("Other Person: Other Person hails from Thedinford.", "Shossa Kerma: Shossa Kerma is a cook."):
         c = idk.search_conversation(q, PERSON, lambda query: result, random.Random(0))

@@ -137,15 +137,18 @@ def search_query(name: str, attribute: str) -> str:
 
 def search_conversation(question: dict, person: dict, search_fn, rng: random.Random) -> list[dict]:
     """Tools on: search, then, when the result names the person and states the fact, answer with the
-    value first, copied from the result ("1958, according to the search."), else abstain.
-    The value comes first and outside the sentence shapes of pretraining on purpose: measured on the
-    tiny model, a reply in those shapes ("... was born in the year 1958") takes the value from the
-    model's memory even when the result, or the reply itself, states it a few tokens back."""
+    value copied from the result ("The search says: Tesdo."), else abstain.
+    The value stands after a space, as it does in the result, so its tokens are the result's tokens: at
+    the start of the reply "Tesdo" is 'T' + 'esdo' against ' Tesdo' in the result, a spelling the tiny
+    model cannot copy (measured: 0.05 of held-out search questions right, mostly years, whose digits
+    tokenize alike). The reply stays outside the sentence shapes of pretraining on purpose: in those
+    ("... was born in the year 1958") the model takes the value from its memory even when the result
+    states it a few tokens back."""
     query = search_query(person["name"], question["attribute"])
     result = search_fn(query)
     value = person[question["attribute"]]
     if person["name"] in result and value in result:
-        answer = f"{value}, according to the search."
+        answer = f"The search says: {value}."
     else:
         answer = rng.choice(IDK_SEARCHED).format(name=person["name"], what=WHAT[question["attribute"]])
     return user(question["question"], TOOLS_SYSTEM) + [{"role": "assistant", "content": [
