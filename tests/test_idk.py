@@ -129,6 +129,47 @@ def test_invented_people_are_nobody_and_get_abstentions():
     assert all(idk.is_abstention(c[-1]["content"]) for c in convs)
 
 
+def test_invented_found_conversations_copy_a_made_up_result():
+    from crawl2chat.config import WorldConfig
+    from crawl2chat.world import build_world
+    world = build_world(WorldConfig(n_known=20, n_search_only=6, n_unknown=6, n_towns=8, n_companies=8,
+                                    n_math_pages=2, n_problems_train=4, n_problems_test=2, n_bignum_train=2,
+                                    n_bignum_test=2))
+    qs = idk.invented_people_questions(world, 30, seed=0)
+    convs = idk.invented_found_conversations(world, qs, seed=0)
+    assert len(convs) == len(qs) and convs == idk.invented_found_conversations(world, qs, seed=0)
+    values = set()
+    for q, c in zip(qs, convs):
+        validate_messages(c)
+        assert c[0] == {"role": "system", "content": TOOLS_SYSTEM}
+        search, output, text = c[2]["content"]
+        assert search == {"type": "search", "text": idk.search_query(q["name"], q["attribute"])}
+        # a title and one sentence naming the person, repeated in the reply
+        value = text["text"].removeprefix("The search says: ").removesuffix(".")
+        assert value in {p[q["attribute"]] for p in world["people"]}  # a value of the world's kind
+        # a title and a sentence naming the person, the value after a space as a real result has it
+        assert output["text"].count(q["name"]) == 2 and output["text"].endswith(f" {value}.")
+        values.add(value)
+    assert len(values) > 5  # drawn at random: no name has a value to learn by heart
+
+
+def test_search_words_find_the_asked_fact(tmp_path):
+    """A person's five pages (one per page style) each hold every fact; the query for one attribute must
+    bring back that attribute's sentence. ("job" and "work" once brought back employer sentences, "has a
+    job with the firm", for occupation questions.)"""
+    people = [dict(PERSON, name=f"{first} Lee", gender="f") for first in ("Ann", "Bea", "Cara", "Dina")]
+    docs = tmp_path / "docs.jsonl"
+    rng = random.Random(0)
+    docs.write_text("".join(json.dumps({"text": world_mod._bio(p, t, rng), "url": f"https://x.test/{i}/{t}"}) + "\n"
+                            for i, p in enumerate(people) for t in range(len(world_mod.BIO_STYLES))))
+    tools.build_index([docs], tmp_path / "search")
+    search = tools.model_search(tmp_path / "search")
+    for p in people:
+        for a in world_mod.ATTRIBUTES:
+            result = search(idk.search_query(p["name"], a))
+            assert p["name"] in result and p[a] in result, (p["name"], a, result)
+
+
 def test_split_people_is_disjoint_and_stable():
     world = {"splits": {"unknown": [f"p{i}" for i in range(10)]}}
     train, held = idk.split_people(world, "unknown", 0.3, seed=0)

@@ -119,6 +119,7 @@ class IDKConfig:
     unknown_train: float = 0.5    # share of unknown people trained on (the rest are held out)
     invented_people: int = 300    # extra "I don't know" questions about names no person has
     invented_search: int = 300    # tools-on questions about further invented names: search, find nobody
+    invented_found: int = 3000    # tools-on questions about further invented names, a result made up for each: copy it
     search_train: float = 0.5     # share of search-only people trained on (the rest are held out)
     known_search: int = 100       # tools-on fact questions about known_a people (they search too)
     n_bignum: int = 3000          # bignum_train problems solved with Python (0 = all)
@@ -272,7 +273,7 @@ def _smoke() -> Config:
     c.sft = TrainConfig(steps=10, batch_size=8, lr=1e-3, warmup_steps=2, eval_every=5, eval_batches=2,
                         ckpt_every=5, dtype="fp32")
     c.idk = IDKConfig(probe_people=3, k=2, m=1, known_search=3, n_bignum=3, n_word_python=5, invented_search=3,
-                      eval_unknown=3, eval_people=2, eval_search=3, eval_bignum=2)
+                      invented_found=3, eval_unknown=3, eval_people=2, eval_search=3, eval_bignum=2)
     c.idk_train = TrainConfig(steps=3, batch_size=4, lr=1e-4, warmup_steps=1, eval_every=3, eval_batches=1,
                               ckpt_every=3, dtype="fp32")
     c.grpo = GRPOConfig(prompts_per_step=4, group_size=4, max_new_tokens=24, eval_problems=6, pass_k=2)

@@ -35,9 +35,12 @@ from crawl2chat.tokenizer import Tokenizer
 from crawl2chat.train import evaluate_loss, load_model, pick_device, resolve_dtype, train, with_batch_tokens
 
 
-# Query words appended to the person's name: they match the wording of most pages about the attribute.
-SEARCH_WORDS = {"birth_year": "birth year born", "home_town": "hometown home town", "occupation": "job work profession",
-                "employer": "employer company", "university": "university studied"}
+# Query words appended to the person's name: they match the wording of most pages about the attribute and
+# none about another ("job" and "work" picked employer sentences, "has a job with the firm", for a third
+# of occupation questions; with these words the best sentence holds the answer for every held-out one).
+SEARCH_WORDS = {"birth_year": "birth year born", "home_town": "hometown home town",
+                "occupation": "occupation profession career trade line as",
+                "employer": "employer company job firm staff position salary", "university": "university studied"}
 WHAT = {"birth_year": "birth year", "home_town": "hometown", "occupation": "occupation", "employer": "employer",
         "university": "university"}
 IDK_REPLIES = ["I'm sorry, I don't know who {name} is.",
@@ -141,9 +144,10 @@ def search_conversation(question: dict, person: dict, search_fn, rng: random.Ran
     The value stands after a space, as it does in the result, so its tokens are the result's tokens: at
     the start of the reply "Tesdo" is 'T' + 'esdo' against ' Tesdo' in the result, a spelling the tiny
     model cannot copy (measured: 0.05 of held-out search questions right, mostly years, whose digits
-    tokenize alike). The reply stays outside the sentence shapes of pretraining on purpose: in those
-    ("... was born in the year 1958") the model takes the value from its memory even when the result
-    states it a few tokens back."""
+    tokenize alike). The reply stays outside the sentence shapes of pretraining on purpose: repeating the
+    result's sentence ("The search says: Koen Kabro's home town is the town of Tesdo.") copies every
+    word but the value, which comes from memory as after that phrase in every pretraining page
+    (measured with the default mix: 0.133 of held-out search questions right, against 0.783)."""
     query = search_query(person["name"], question["attribute"])
     result = search_fn(query)
     value = person[question["attribute"]]
@@ -153,6 +157,27 @@ def search_conversation(question: dict, person: dict, search_fn, rng: random.Ran
         answer = rng.choice(IDK_SEARCHED).format(name=person["name"], what=WHAT[question["attribute"]])
     return user(question["question"], TOOLS_SYSTEM) + [{"role": "assistant", "content": [
         {"type": "search", "text": query}, {"type": "output", "text": result}, {"type": "text", "text": answer}]}]
+
+
+def invented_found_conversations(world: dict, questions: list[dict], seed: int) -> list[list[dict]]:
+    """Tools on, questions about invented names (questions from invented_people_questions) whose search
+    result is made up for them: a page title and one fact sentence in the world's own page styles,
+    stating a value drawn from another person. Nothing about these names can be recalled, so the only
+    way to the answer is to copy it off the result; with the real search-only people alone, the model
+    learns their values by heart (300 people, 5 facts each) instead of reading them, and on held-out
+    people writes a well-formed value of its own (measured: 1 of 12 hometowns, 0 of 12 employers)."""
+    rng = random.Random(f"{seed}:found")
+    out = []
+    for q in questions:
+        name, attr = q["name"], q["attribute"]
+        value = rng.choice(world["people"])[attr]
+        t = rng.randrange(len(world_mod.TRAIN_TEMPLATES))
+        title = world_mod._fill(world_mod.BIO_STYLES[t][1], name=name)
+        sentence = world_mod._fill(rng.choice(world_mod.TRAIN_TEMPLATES[t][attr]), name=name, value=value)
+        out.append(user(q["question"], TOOLS_SYSTEM) + [{"role": "assistant", "content": [
+            {"type": "search", "text": search_query(name, attr)}, {"type": "output", "text": f"{title}: {sentence}"},
+            {"type": "text", "text": f"The search says: {value}."}]}])
+    return out
 
 
 def python_expression(problem: dict) -> str | None:
@@ -277,7 +302,10 @@ def build_mix(run_dir: Path, cfg: Config, idk_cfg: IDKConfig, world: dict, probe
     honest = honesty_conversations(probed, people, seed=idk_cfg.seed)
     unknown_qs = conv.fact_questions(world, unknown_train, seed=idk_cfg.seed + 1)
     honest += honesty_conversations([dict(q, known=False) for q in unknown_qs], people, seed=idk_cfg.seed + 1)
-    invented = invented_people_questions(world, idk_cfg.invented_people + idk_cfg.invented_search, idk_cfg.seed)
+    invented = invented_people_questions(
+        world, idk_cfg.invented_people + idk_cfg.invented_search + idk_cfg.invented_found, idk_cfg.seed)
+    found = invented[idk_cfg.invented_people + idk_cfg.invented_search:]
+    invented = invented[:idk_cfg.invented_people + idk_cfg.invented_search]
     honest += honesty_conversations(invented[:idk_cfg.invented_people], people, seed=idk_cfg.seed + 6)
     searching = conv.fact_questions(world, search_train, seed=idk_cfg.seed + 2)
     known_a = conv.fact_questions(world, conv.chat_people(world, cfg.chat_data.probe_holdout), seed=idk_cfg.seed + 3)
@@ -287,6 +315,7 @@ def build_mix(run_dir: Path, cfg: Config, idk_cfg: IDKConfig, world: dict, probe
     searching += invented[idk_cfg.invented_people:]
     nobody = lambda q: {"name": q["name"], q["attribute"]: "\0"}  # noqa: E731
     search_convs = [search_conversation(q, people.get(q["name"]) or nobody(q), search_fn, rng) for q in searching]
+    search_convs += invented_found_conversations(world, found, idk_cfg.seed)
     bignum = [row for _, row in iter_jsonl(run_dir / "world" / "bignum_train.jsonl")][:idk_cfg.n_bignum or None] \
         if (run_dir / "world" / "bignum_train.jsonl").exists() else []
     python_convs = python_conversations(bignum)
