@@ -128,7 +128,7 @@ class IDKConfig:
     honesty_weight: int = 3       # times each tools-off conversation (answer or abstain) is in the mix
     eval_unknown: int = 100       # held-out unknown-people questions for halluc_rate; 0 = all
     eval_people: int = 40         # known_b people for known_acc (× 5 attributes); 0 = all
-    eval_search: int = 60         # held-out search-only questions evaluated with tools
+    eval_search: int = 200        # held-out search-only questions evaluated with tools (60 gave ±0.06)
     eval_bignum: int = 50         # bignum_test problems evaluated
     val_fraction: float = 0.05
     seed: int = 0
