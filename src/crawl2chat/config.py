@@ -135,7 +135,7 @@ class IDKConfig:
 
 
 def _idk_train() -> "TrainConfig":
-    return TrainConfig(steps=350, batch_size=16, lr=5e-4, warmup_steps=5, decay_frac=0.5,
+    return TrainConfig(steps=500, batch_size=16, lr=5e-4, warmup_steps=5, decay_frac=0.5,
                        eval_every=50, eval_batches=4, ckpt_every=50)
 
 
