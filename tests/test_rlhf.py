@@ -6,7 +6,7 @@ import json
 import math
 
 from crawl2chat.config import TrainConfig
-from crawl2chat.rlhf import RLHFConfig, adversarial, guard_decision, paired_bootstrap, run_rlhf
+from crawl2chat.rlhf import RLHFConfig, adversarial, guard_decision, paired_bootstrap, paired_se, run_rlhf
 from crawl2chat.rm import RMConfig, run_rm
 
 
@@ -28,6 +28,23 @@ def test_guard_stops_on_proxy_up_gold_down_for_m_evaluations():
     assert guard_decision(_curve(plateau + [(0.48, 0.62, 0.5)]), rc) == "reward_hacking"
     assert guard_decision(_curve(plateau + [(0.46, 0.62, 0.5)]), rc) is None  # proxy fell with gold
     assert guard_decision(_curve(plateau[:2] + [(0.45, 0.695, 0.3), (0.47, 0.692, 0.4)]), rc) is None  # gold within margin
+
+
+def test_guard_ignores_a_gold_drop_within_the_evaluations_noise():
+    """Gold 0.02-0.03 below its peak with the proxy up: hacking when every prompt moved alike, noise when
+    the prompts scatter (per-prompt differences of ±0.15 over 4 prompts: a standard error of 0.087)."""
+    rc = RLHFConfig(patience=2, margin=0.01, noise_z=1.0, kl_budget=5.0)
+    dip = _curve([(0.0, 0.82, 0.1), (0.3, 0.80, 0.2), (0.4, 0.79, 0.3)])
+    peak = [0.6, 0.8, 0.9, 0.98]
+    alike = [[g - 0.02 for g in peak], [g - 0.03 for g in peak]]
+    scattered = [[g + d for g, d in zip(peak, (0.13, -0.17, 0.13, -0.17))],
+                 [g + d for g, d in zip(peak, (0.12, -0.18, 0.12, -0.18))]]
+    with_prompts = lambda later: [dict(dip[0], gold_prompts=peak)] + [  # noqa: E731
+        dict(c, gold_prompts=p) for c, p in zip(dip[1:], later)]
+    assert guard_decision(with_prompts(alike), rc) == "reward_hacking"
+    assert guard_decision(with_prompts(scattered), rc) is None
+    assert paired_se(peak, alike[0]) < 1e-6 and abs(paired_se(peak, scattered[0]) - 0.0866) < 1e-3
+    assert guard_decision(dip, rc) == "reward_hacking"  # without per-prompt scores: the margin alone
 
 
 def test_paired_bootstrap_interval():

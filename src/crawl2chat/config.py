@@ -179,6 +179,7 @@ class RLHFConfig:
     final_samples: int = 4        # replies per held-out prompt for gold_before/gold_after
     patience: int = 2             # M: evaluations in a row of proxy up / gold down before stopping
     margin: float = 0.01          # gold must be this far below its peak to count as falling
+    noise_z: float = 1.0          # ... and this many standard errors of the per-prompt paired difference
     kl_budget: float = 10.0       # nats per reply
     n_adversarial: int = 20
     seed: int = 0

@@ -3,7 +3,8 @@ penalty to the starting policy, stopped before the policy games the reward model
 
 The guard: every eval_every steps, replies to a fixed set of held-out prompts are scored by the reward
 model (proxy), by the hidden rubric (gold), and the policy's KL to the start is measured. Training stops
-when, for `patience` evaluations in a row, gold stays below its peak while the proxy is above its value
+when, for `patience` evaluations in a row, gold stays below its peak (by more than the evaluations' own
+noise: `noise_z` standard errors of the per-prompt difference) while the proxy is above its value
 at that peak or is still rising as gold falls (Goodhart: the proxy keeps rising as the true score
 falls), or when the KL exceeds its budget. The weights with the best gold score are the stage's model; replies with a high proxy and a
 low gold score go to adversarial.jsonl."""
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -70,10 +72,20 @@ def per_prompt(rows: list[dict]) -> list[float]:
     return [sum(v) / len(v) for _, v in sorted(by.items())]
 
 
+def paired_se(a: list[float] | None, b: list[float] | None) -> float:
+    """Standard error of mean(b - a) over paired per-prompt scores; 0 without them."""
+    if not a or not b or len(a) != len(b) or len(a) < 2:
+        return 0.0
+    d = torch.tensor(b) - torch.tensor(a)
+    return float(d.std() / math.sqrt(len(d)))
+
+
 def guard_decision(curve: list[dict], rc: RLHFConfig) -> str | None:
     """'reward_hacking' when each of the last `patience` evaluations has gold below the gold peak by more
-    than margin and the proxy either above its value at that peak or up on the evaluation before while
-    gold went down (a proxy that peaked with gold and then climbs again as gold sinks); 'kl_budget' when
+    than margin and than noise_z standard errors of the paired difference (over the held-out prompts, from
+    each entry's `gold_prompts` where given: 24 prompts move gold by ±0.02 between evaluations of one
+    policy), and the proxy either above its value at that peak or up on the evaluation before while gold
+    went down (a proxy that peaked with gold and then climbs again as gold sinks); 'kl_budget' when
     the KL is over budget."""
     if curve[-1]["kl"] > rc.kl_budget:
         return "kl_budget"
@@ -82,7 +94,8 @@ def guard_decision(curve: list[dict], rc: RLHFConfig) -> str | None:
 
     def diverging(i: int) -> bool:
         c, prev = curve[i], curve[i - 1]
-        return c["gold"] < top["gold"] - rc.margin and (
+        noise = rc.noise_z * paired_se(top.get("gold_prompts"), c.get("gold_prompts"))
+        return c["gold"] < top["gold"] - max(rc.margin, noise) and (
             c["proxy"] > top["proxy"] or (c["proxy"] > prev["proxy"] and c["gold"] < prev["gold"]))
 
     recent = range(peak + 1, len(curve))[-rc.patience:]
@@ -137,7 +150,7 @@ def run_rlhf(run_dir: Path, cfg: Config, rlhf_cfg: RLHFConfig, train_cfg: TrainC
                       rc.seed + 17)  # the same seed every time: differences come from the policy
         model.train()
         curve.append({"step": step, "proxy": ev["proxy"], "gold": ev["gold"], "kl": ev["kl"],
-                      "resp_words": ev["resp_words"]})
+                      "resp_words": ev["resp_words"], "gold_prompts": per_prompt(ev["rows"])})
         evals.append((step, ev["rows"]))
         if ev["gold"] > state["best_gold"]:
             state.update(best_gold=ev["gold"], best_step=step,
@@ -146,7 +159,7 @@ def run_rlhf(run_dir: Path, cfg: Config, rlhf_cfg: RLHFConfig, train_cfg: TrainC
             reason = guard_decision(curve, rc)
             if reason:
                 state.update(stop=reason, stopped_step=step)
-        return {k: v for k, v in curve[-1].items() if k != "step"}
+        return {k: v for k, v in curve[-1].items() if k not in ("step", "gold_prompts")}
 
     if dist_info()[0] == 0:
         watch(policy, 0)
@@ -205,7 +218,7 @@ def run_rlhf(run_dir: Path, cfg: Config, rlhf_cfg: RLHFConfig, train_cfg: TrainC
     if rc.guard and state["best"] is not None:
         policy.load_state_dict(state["best"])
     save_model(policy, out)
-    _prepend_row(out / "metrics.jsonl", curve[0])
+    _prepend_row(out / "metrics.jsonl", {k: v for k, v in curve[0].items() if k != "gold_prompts"})
 
     seed = rc.seed + 99991  # fresh samples, so the gold peak's selection does not inflate gold_after
     before = evaluate(ref, ref, rm, tok, eval_set, rc.final_samples, rc.max_new_tokens, seed)
@@ -225,7 +238,7 @@ def run_rlhf(run_dir: Path, cfg: Config, rlhf_cfg: RLHFConfig, train_cfg: TrainC
         "guard_would_stop": next((c["step"] for i, c in enumerate(curve) if i and guard_decision(curve[:i + 1], rc)), None),
         "saved_step": state["best_step"] if rc.guard else
         (state["stopped_step"] if state["stop"] else tc.steps), "adversarial": len(adv), "eval_prompts": len(eval_set),
-        "curve": curve})
+        "curve": [{k: v for k, v in c.items() if k != "gold_prompts"} for c in curve]})
     return summary
 
 
