@@ -3,9 +3,11 @@ question files, and one end-to-end run of the stage on the smoke preset."""
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
+import torch
 
 from crawl2chat import conversations, idk, tools
 from crawl2chat import world as world_mod
@@ -13,6 +15,7 @@ from crawl2chat.chat_template import TOOLS_SYSTEM, validate_messages
 from crawl2chat.common import C2CError
 from crawl2chat.config import TrainConfig, get_preset
 from crawl2chat.conversations import fact_answer
+from crawl2chat.tokenizer import Tokenizer
 
 PERSON = {"name": "Shossa Kerma", "gender": "f", "birth_year": "1967", "home_town": "Thedinford",
           "occupation": "an optician", "employer": "Suradra Pharma", "university": "the University of Lusford"}
@@ -223,9 +226,39 @@ def test_run_idk_end_to_end(smoke_run, copy_run, tmp_path):
         assert row["k"] == 2 and 0 <= row["n_right"] <= 2 and row["known"] == (row["n_right"] >= 1)
     assert out["probe_known_share"] == sum(r["known"] for r in probe) / len(probe)
     for key in ["halluc_rate_before", "halluc_rate_after", "known_acc_before", "known_acc_after",
-                "search_acc_tools", "search_acc_no_tools", "bignum_acc_python", "bignum_acc_no_python"]:
+                "search_acc_tools", "search_acc_no_tools", "bignum_acc_python", "bignum_acc_no_python",
+                "name_surprisal_auc_before", "name_surprisal_auc_after"]:
         assert 0.0 <= out[key] <= 1.0, key
     assert out["known_n"] == 2 * 5 and out["search_n"] == 3 and out["bignum_n"] == 2
     assert out["halluc_n"] == 5 * out["unknown_heldout_people"] > 0
     assert out["python_convs"] == 3 and out["word_python_convs"] == 4 and out["search_convs"] > 0 and out["replay_convs"] > 0
     assert out["steps"] == 3 and out["examples_after"] and out["tool_examples"]
+
+
+def test_name_surprisal_reads_the_models_surprise_at_the_name(smoke_run):
+    """A stand-in model that predicts each next token only when it is a familiar one: a name made of
+    familiar tokens scores ~0 nats, an unfamiliar one ~log(vocab); the AUC ranks them."""
+    tok = Tokenizer.load(smoke_run / "tokenizer")
+    known = {"name": "Ann Bakerton", "question": "When was Ann Bakerton born?"}
+    unknown = {"name": "Ann Quzzyj", "question": "When was Ann Quzzyj born?"}  # no letter of the known question
+    familiar = set(tok.encode("When was Ann Bakerton born?"))
+
+    class Knows(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            logits = torch.zeros(1, x.shape[1], tok.vocab_size)
+            for t in range(x.shape[1] - 1):
+                if int(x[0, t + 1]) in familiar:
+                    logits[0, t, int(x[0, t + 1])] = 30.0
+            return logits
+    model = Knows()
+    s_known, s_unknown = idk.name_surprisal(model, tok, [known, unknown])
+    assert len(tok.encode(" Quzzyj")) >= 2  # the name has tokens after its first
+    name_tokens = tok.encode("When was Ann Quzzyj")[len(tok.encode("When was")) + 1:]  # after the first
+    expected = sum(0.0 if t in familiar else math.log(tok.vocab_size) for t in name_tokens) / len(name_tokens)
+    assert s_known < 1e-6 and s_unknown > 1.0 and abs(s_unknown - expected) < 1e-3
+    assert idk.surprisal_auc(model, tok, [unknown], [known]) == 1.0
+    assert idk.auc([1.0, 2.0], [1.0]) == 0.75 and math.isnan(idk.name_surprisal(model, tok, [{"question": "Hi?"}])[0])

@@ -248,6 +248,42 @@ def honesty_evals(model, tok, unknown_qs: list[dict], known_qs: list[dict]) -> d
                          list(zip(unknown_qs, unk))[:3] + list(zip(known_qs, kn))[:3]]}
 
 
+def name_surprisal(model, tok, questions: list[dict]) -> list[float]:
+    """Mean next-token loss (nats) over each question's name tokens after the first, as the chat prompt
+    shows it: how unexpected the name is to the model (low for people it read about, high for names it
+    never saw). NaN where the question does not contain its name in two or more tokens."""
+    out = []
+    for q in questions:
+        text, name = q["question"], q.get("name", "")
+        i = text.find(name) if name else -1
+        ids = render(tok, user(text), add_generation_prompt=True)[0]
+        upto = tok.encode(text[:i + len(name)]) if i >= 0 else []
+        first = len(tok.encode(text[:i].rstrip()))  # word-level pre-tokenization: the prefix keeps its tokens
+        at = next((s for s in range(len(ids) - len(upto) + 1) if ids[s:s + len(upto)] == upto), None) if upto else None
+        if at is None or len(upto) - first < 2:
+            out.append(float("nan"))
+            continue
+        with torch.no_grad():
+            logp = model(torch.tensor([ids], device=next(model.parameters()).device)).float().log_softmax(-1)[0]
+        span = range(at + first + 1, at + len(upto))
+        out.append(-sum(float(logp[t - 1, ids[t]]) for t in span) / len(span))
+    return out
+
+
+def auc(pos: list[float], neg: list[float]) -> float:
+    """P(a pos score > a neg score), ties half: the ranking's ROC AUC. NaNs are left out."""
+    pos = [p for p in pos if p == p]
+    neg = [n for n in neg if n == n]
+    if not pos or not neg:
+        return float("nan")
+    return sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
+
+
+def surprisal_auc(model, tok, unknown_qs: list[dict], known_qs: list[dict]) -> float:
+    """How well the model's surprise at a name tells unknown people from known ones (0.5 = not at all)."""
+    return auc(name_surprisal(model, tok, unknown_qs), name_surprisal(model, tok, known_qs))
+
+
 def tool_evals(model, tok, search_qs: list[dict], bignum: list[dict], search_fn) -> dict:
     tools_map = {"search": search_fn, "python": tools.run_python}
     with_tools_full = tool_replies(model, tok, [user(q["question"], TOOLS_SYSTEM) for q in search_qs], tools_map)
@@ -368,6 +404,7 @@ def run_idk(run_dir: Path, cfg: Config, idk_cfg: IDKConfig, train_cfg: TrainConf
     known_eval = conv.fact_questions(world, world["splits"]["known_b"][:idk_cfg.eval_people or None],
                                      seed=idk_cfg.seed + 5)
     before = honesty_evals(model, tok, unknown_eval, known_eval)
+    before["surprisal_auc"] = surprisal_auc(model, tok, unknown_eval, known_eval)
 
     mix, counts = build_mix(run_dir, cfg, idk_cfg, world, probed, unknown_train, search_train, search_fn)
     n_val = max(1, int(len(mix) * idk_cfg.val_fraction))
@@ -394,6 +431,7 @@ def run_idk(run_dir: Path, cfg: Config, idk_cfg: IDKConfig, train_cfg: TrainConf
         return summary
     model = model.float().eval()
     after = honesty_evals(model, tok, unknown_eval, known_eval)
+    after["surprisal_auc"] = surprisal_auc(model, tok, unknown_eval, known_eval)
     search_eval = conv.fact_questions(world, search_held, seed=idk_cfg.seed + 6)[:idk_cfg.eval_search or None]
     bignum_path = run_dir / "world" / "bignum_test.jsonl"
     bignum = [row for _, row in iter_jsonl(bignum_path)][:idk_cfg.eval_bignum or None] if bignum_path.exists() else []
@@ -402,6 +440,8 @@ def run_idk(run_dir: Path, cfg: Config, idk_cfg: IDKConfig, train_cfg: TrainConf
                     "known_abstain_before": before["known_abstain_rate"],
                     "known_abstain_after": after["known_abstain_rate"],
                     "halluc_n": len(unknown_eval), "known_n": len(known_eval),
+                    # the signal an abstention could rest on: the name's surprisal (unknown vs known people)
+                    "name_surprisal_auc_before": before["surprisal_auc"], "name_surprisal_auc_after": after["surprisal_auc"],
                     "examples_before": before["examples"], "examples_after": after["examples"]})
     summary.update(tool_evals(model, tok, search_eval, bignum, search_fn))
     return summary
