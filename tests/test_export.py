@@ -190,3 +190,21 @@ def test_bench_generate_hf_baseline(exported):
         assert e["same_output"] is True and e["no_cache"]["same_output"] is True, e
         assert e["ours"] > 0 and e["baseline"] > 0 and e["ratio"] == pytest.approx(e["ours"] / e["baseline"])
     assert r["ratio"] == r["batch1"]["ratio"] and r["same_output"] is True
+
+
+def test_surprisal_input_is_left_out_and_said(exported, tmp_path):
+    """A model that reads its own surprisal exports as the plain Qwen3 it is on text without user
+    messages; the export says what it left out."""
+    d, tok = exported["dir"], exported["tok"]
+    model = exported["model"].with_surprisal_input(tok.special_id("<|user_start|>"), tok.special_id("<|user_end|>"))
+    torch.nn.init.normal_(model.surprisal_in.weight)
+    save_model(model, tmp_path / "idk")
+    summary = export_hf(tmp_path / "idk", d / "tokenizer", tmp_path / "hf")
+    assert summary["surprisal_input_dropped"] and not exported["summary"]["surprisal_input_dropped"]
+    assert "surprisal" in (tmp_path / "hf" / "README.md").read_text()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
+    plain = tok.encode("the cat sat on the mat")
+    user = render(tok, CONVERSATIONS[0], add_generation_prompt=True)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(hf(torch.tensor([plain])).logits, model(torch.tensor([plain])), atol=1e-4, rtol=0)
+        assert not torch.allclose(hf(torch.tensor([user])).logits, model(torch.tensor([user])), atol=1e-3)

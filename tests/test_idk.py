@@ -16,6 +16,7 @@ from crawl2chat.common import C2CError
 from crawl2chat.config import TrainConfig, get_preset
 from crawl2chat.conversations import fact_answer
 from crawl2chat.tokenizer import Tokenizer
+from crawl2chat.train import load_model
 
 PERSON = {"name": "Shossa Kerma", "gender": "f", "birth_year": "1967", "home_town": "Thedinford",
           "occupation": "an optician", "employer": "Suradra Pharma", "university": "the University of Lusford"}
@@ -209,7 +210,7 @@ def test_run_idk_end_to_end(smoke_run, copy_run, tmp_path):
     questions.write_text(json.dumps({"question": "What is the capital of France?", "answer": "Paris"}) + "\n")
     cfg = get_preset("smoke")
     cfg.chat_data.probe_holdout = 2
-    icfg = idk.IDKConfig(questions=[str(questions)], probe_people=3, k=2, m=1, max_new_tokens=12, known_search=3,
+    icfg = idk.IDKConfig(questions=[str(questions)], probe_people=3, k=2, m=1, max_new_tokens=12, known_search=3, invented_people=30,
                          n_bignum=3, n_word_python=4, eval_people=2, eval_search=3, eval_bignum=2)
     tc = TrainConfig(steps=3, batch_size=4, lr=1e-4, warmup_steps=1, eval_every=3, eval_batches=1,
                      ckpt_every=3, dtype="fp32")
@@ -233,6 +234,10 @@ def test_run_idk_end_to_end(smoke_run, copy_run, tmp_path):
     assert out["halluc_n"] == 5 * out["unknown_heldout_people"] > 0
     assert out["python_convs"] == 3 and out["word_python_convs"] == 4 and out["search_convs"] > 0 and out["replay_convs"] > 0
     assert out["steps"] == 3 and out["examples_after"] and out["tool_examples"]
+    # the idk model reads its own surprisal at user tokens; the weights it learned for that are not zero
+    model = load_model(run / "idk")
+    assert model.cfg.surprisal_open == Tokenizer.load(run / "tokenizer").special_id("<|user_start|>")
+    assert float(model.surprisal_in.weight.abs().sum()) > 0
 
 
 def test_name_surprisal_reads_the_models_surprise_at_the_name(smoke_run):

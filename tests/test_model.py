@@ -274,3 +274,87 @@ def test_document_mask_isolates_packed_documents():
         unmasked = model(torch.tensor([first + second]))[0, len(first):]
     assert torch.allclose(packed, alone, atol=1e-4)
     assert not torch.allclose(unmasked, alone, atol=1e-2)
+
+
+# ---------------------------------------------------------------- surprisal input
+
+OPEN, CLOSE = 5, 6  # stand-ins for <|user_start|> and <|user_end|>
+
+
+def surprisal_model(seed: int = 7) -> GPT:
+    model = sharp_model(seed).with_surprisal_input(OPEN, CLOSE)
+    torch.manual_seed(seed)
+    torch.nn.init.normal_(model.surprisal_in.weight, std=1.0)
+    return model.eval()
+
+
+def user_prompt(g: torch.Generator, n_user: int) -> list[int]:
+    body = [t + 7 for t in torch.randint(0, CFG.vocab_size - 7, (n_user,), generator=g).tolist()]
+    return [1, OPEN, *body, CLOSE, 2]
+
+
+def test_surprisal_input_starts_at_zero_and_reads_only_user_tokens():
+    plain = sharp_model(7)
+    model = plain.with_surprisal_input(OPEN, CLOSE).eval()
+    x = torch.tensor([[1, OPEN, 10, 11, 12, CLOSE, 20, OPEN, 30, CLOSE]])
+    assert model.user_mask(x).int().tolist() == [[0, 0, 1, 1, 1, 0, 0, 0, 1, 0]]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain(x))  # zero weights: the same model
+        T = x.size(1)
+        s = model.input_surprisal(x, None, model.rope_cos[:T], model.rope_sin[:T])
+        expected = -plain(x)[0, :-1].log_softmax(-1).gather(-1, x[0, 1:, None])[:, 0]
+    torch.testing.assert_close(s[0, 1:], expected)
+    model = surprisal_model(7)
+    with torch.no_grad():
+        changed = (model(x) - plain(x)).abs().amax(-1)[0]
+        no_user = torch.tensor([[1, 10, 11, 12, 20]])
+        torch.testing.assert_close(model(no_user), plain(no_user))  # no user text, no input
+    assert float(changed[:2].max()) < 1e-5 and float(changed[2:].min()) > 1e-3  # causal: from the first user token on
+
+
+def test_surprisal_input_separates_expected_from_unexpected_tokens():
+    """The same prompt shape with the user token the model expects vs one it does not: the input
+    differs only through the surprisal, so the logits after it differ."""
+    model = surprisal_model(8)
+    plain = sharp_model(8)
+    with torch.no_grad():
+        guess = int(plain(torch.tensor([[1, OPEN]]))[0, -1].argmax())
+        unlikely = int(plain(torch.tensor([[1, OPEN]]))[0, -1].argmin())
+        expected, unexpected = torch.tensor([[1, OPEN, guess]]), torch.tensor([[1, OPEN, unlikely]])
+        T = 3
+        s = [float(model.input_surprisal(x, None, model.rope_cos[:T], model.rope_sin[:T])[0, 2])
+             for x in (expected, unexpected)]
+    assert s[0] < 1.0 < 5.0 < s[1]
+
+
+def test_generation_with_surprisal_input_equals_recompute():
+    """Cached, batched, ragged and compiled generation all read the surprisal as the full forward does."""
+    model = surprisal_model(9)
+    g = torch.Generator().manual_seed(9)
+    prompts = [user_prompt(g, n) for n in (2, 5, 2, 8)]
+    reference = [greedy_no_cache(model, p, 8) for p in prompts]
+    assert [generate(model, [p], 8)[0] for p in prompts] == reference
+    assert generate(model, prompts, 8) == reference
+    assert generate(model, prompts, 8, ragged=True) == reference
+    assert reference != [greedy_no_cache(sharp_model(9), p, 8) for p in prompts]
+
+
+def test_surprisal_source_is_read_but_not_part_of_the_model():
+    model, other = surprisal_model(10), sharp_model(11)
+    x = torch.tensor([[1, OPEN, 10, 11, 12, CLOSE, 2]])
+    T = x.size(1)
+    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+    with torch.no_grad():
+        own, own_logits = model.input_surprisal(x, None, cos, sin), model(x)
+        model.set_surprisal_source(other)
+        theirs = model.input_surprisal(x, None, cos, sin)
+        expected = -other(x)[0, :-1].log_softmax(-1).gather(-1, x[0, 1:, None])[:, 0]
+        torch.testing.assert_close(theirs[0, 1:], expected)
+        assert not torch.allclose(own, theirs)
+        assert not torch.allclose(model(x), own_logits)
+    n_params = len(list(model.parameters()))
+    assert set(model.state_dict()) == set(surprisal_model(10).state_dict()) and n_params == len(list(surprisal_model(10).parameters()))
+    assert not any(p.requires_grad for p in other.parameters())
+    model.set_surprisal_source(None)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), own_logits)

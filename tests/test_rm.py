@@ -83,3 +83,29 @@ def test_reward_model_on_hh_rlhf_pairs(smoke_run, copy_run):
     assert len(rows) == 6 and "rm_acc" in rows[2] and all(math.isfinite(r["loss"]) for r in rows)
     held = [json.loads(l) for l in (run / "rm" / "pairs_heldout.jsonl").read_text().splitlines()]
     assert len(held) == 40 and all(h["chosen"] != h["rejected"] for h in held)
+
+
+def test_reward_model_reads_its_surprisal_at_every_token(tmp_path):
+    """rm.surprisal_input: the RM starts as the chat model with a zero surprisal input read at every
+    token after the first, and saves and loads with it."""
+    from crawl2chat.rm import from_chat_model
+    from crawl2chat.train import save_model
+    torch.manual_seed(0)
+    chat = GPT(CFG)
+    with torch.no_grad():
+        for p in chat.parameters():
+            p.normal_(0.0, 0.3)
+    save_model(chat, tmp_path / "chat")
+    rm = from_chat_model(tmp_path / "chat", (3, 4))
+    assert rm.cfg.surprisal_all and rm.surprisal_in is not None
+    x = torch.tensor([[1, 7, 8, 9, 10]])
+    assert rm.user_mask(x).tolist() == [[False, True, True, True, True]]
+    plain = from_chat_model(tmp_path / "chat")
+    with torch.no_grad():
+        torch.testing.assert_close(rm.hidden(x), plain.hidden(x))  # zero at first
+        rm.surprisal_in.weight.normal_()
+        rm.value_head.weight.normal_()
+        assert not torch.allclose(rm.hidden(x), plain.hidden(x))
+    save_model(rm, tmp_path / "rm")
+    loaded = load_reward_model(tmp_path / "rm")
+    torch.testing.assert_close(score_seqs(loaded, [[1, 7, 8, 9, 10]], 0), score_seqs(rm, [[1, 7, 8, 9, 10]], 0))

@@ -117,7 +117,7 @@ class IDKConfig:
     temperature: float = 1.0
     max_new_tokens: int = 24      # per probe sample (a fact sentence is about 15 tokens)
     unknown_train: float = 0.5    # share of unknown people trained on (the rest are held out)
-    invented_people: int = 300    # extra "I don't know" questions about names no person has
+    invented_people: int = 3000   # extra "I don't know" questions about names no person has
     invented_search: int = 300    # tools-on questions about further invented names: search, find nobody
     invented_found: int = 6000    # tools-on questions about further invented names, a result made up for each: copy it
     search_train: float = 0.5     # share of search-only people trained on (the rest are held out)
@@ -126,6 +126,8 @@ class IDKConfig:
     n_word_python: int = 200      # word problems (problems_train) worked with a Python call per step
     replay: float = 0.2           # share of SFT conversations in the training mix
     honesty_weight: int = 3       # times each tools-off conversation (answer or abstain) is in the mix
+    surprisal_input: bool = True  # the model reads its own surprisal at each user token (GPT.input_surprisal)
+    frozen_surprisal: bool = True  # in training, read from the SFT model as it was (GPT.set_surprisal_source)
     eval_unknown: int = 100       # held-out unknown-people questions for halluc_rate; 0 = all
     eval_people: int = 40         # known_b people for known_acc (× 5 attributes); 0 = all
     eval_search: int = 200        # held-out search-only questions evaluated with tools (60 gave ±0.06)
@@ -153,6 +155,7 @@ class RMConfig:
     margin: float = 0.05          # world: pairs whose rubric scores differ by less are ties, dropped
     max_new_tokens: int = 64
     temperature: float = 1.0
+    surprisal_input: bool = False  # the RM reads its own surprisal at every token (a made-up fact is unlikely)
     seed: int = 0
 
 
@@ -273,8 +276,8 @@ def _smoke() -> Config:
     c.chat_data = ChatDataConfig(max_math=20, correction_steps=2)
     c.sft = TrainConfig(steps=10, batch_size=8, lr=1e-3, warmup_steps=2, eval_every=5, eval_batches=2,
                         ckpt_every=5, dtype="fp32")
-    c.idk = IDKConfig(probe_people=3, k=2, m=1, known_search=3, n_bignum=3, n_word_python=5, invented_search=3,
-                      invented_found=3, eval_unknown=3, eval_people=2, eval_search=3, eval_bignum=2)
+    c.idk = IDKConfig(probe_people=3, k=2, m=1, known_search=3, n_bignum=3, n_word_python=5, invented_people=3,
+                      invented_search=3, invented_found=3, eval_unknown=3, eval_people=2, eval_search=3, eval_bignum=2)
     c.idk_train = TrainConfig(steps=3, batch_size=4, lr=1e-4, warmup_steps=1, eval_every=3, eval_batches=1,
                               ckpt_every=3, dtype="fp32")
     c.grpo = GRPOConfig(prompts_per_step=4, group_size=4, max_new_tokens=24, eval_problems=6, pass_k=2)

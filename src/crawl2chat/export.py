@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -40,6 +41,8 @@ def hf_state_dict(model: GPT, dtype: torch.dtype = torch.float32) -> dict[str, t
     out: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict().items():
         parts = name.split(".")
+        if name == "surprisal_in.weight":
+            continue  # Qwen3 has no such input: see SURPRISAL_NOTE
         if name == "embed.weight":
             hf = "model.embed_tokens.weight"
         elif name == "lm_head.weight":
@@ -109,6 +112,12 @@ def write_hf_model(model: GPT, out_dir: Path, dtype: str = "fp32", bos_id: int |
     atomic_write_json(out_dir / "config.json", hf_config(model, dtype, bos_id, eos_id, pad_id))
 
 
+SURPRISAL_NOTE = ("This model was trained to read its own surprisal at each user token (crawl2chat's surprisal "
+                  "input, which its abstentions rest on); Qwen3 has no such input, so the export leaves it out: "
+                  "it answers as crawl2chat does on prompts without user text, and abstains less on questions "
+                  "about people it does not know.")
+
+
 def _model_card(model: GPT, model_dir: Path, dtype: str, n_params: int) -> str:
     c = model.cfg
     return f"""---
@@ -143,7 +152,7 @@ Notes
 - crawl2chat encodes message text with special tokens disabled; the chat template here produces one
   string, so a special-token string typed inside a message (e.g. `<|user_end|>`) becomes a special id.
 - The context is {c.seq_len} tokens (`max_position_embeddings`); the model never saw longer sequences.
-"""
+""" + (f"- {SURPRISAL_NOTE}\n" if model.surprisal_in is not None else "")
 
 
 def export_hf(model_dir: Path, tokenizer_dir: Path, out_dir: Path, dtype: str = "fp32") -> dict:
@@ -183,6 +192,7 @@ def export_hf(model_dir: Path, tokenizer_dir: Path, out_dir: Path, dtype: str = 
     return {"format": "hf", "architecture": ARCH, "out_dir": str(out_dir), "source": str(model_dir),
             "dtype": dtype, "params": n_params, "vocab_size": model.cfg.vocab_size,
             "context": model.cfg.seq_len, "files": files,
+            "surprisal_input_dropped": model.surprisal_in is not None,
             "bytes": sum((out_dir / f).stat().st_size for f in files)}
 
 
@@ -224,4 +234,6 @@ def cmd_export(args) -> dict:
     to = args.to or args.out / "export" / f"{stage}-{args.format}"
     summary = export_hf(model_dir, tok_dir, to, dtype=args.dtype)
     print(json.dumps(summary, indent=2))
+    if summary["surprisal_input_dropped"]:
+        print(f"note: {SURPRISAL_NOTE}", file=sys.stderr)
     return summary

@@ -24,6 +24,11 @@ class GPTConfig:
     seq_len: int
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
+    # surprisal input (GPT.input_surprisal): the ids of the tokens that open and close a user message;
+    # -1 = off, and the model is a plain Qwen3-layout GPT
+    surprisal_open: int = -1
+    surprisal_close: int = -1
+    surprisal_all: bool = False  # read it at every token after the first (a reward model judging replies)
 
     @classmethod
     def from_depth(cls, depth: int, vocab_size: int, seq_len: int, aspect_ratio: int = 64, head_dim: int = 64):
@@ -46,6 +51,18 @@ class GPTConfig:
 
 def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),), eps=eps)
+
+
+# centres (nats) of the soft bins a token's surprisal is read through: the input can then express any
+# smooth function of it, a threshold included
+SURPRISAL_BINS = (0.0, 1.0, 2.0, 3.0, 4.5, 6.0, 8.0, 11.0)
+
+
+def surprisal_bins(s: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
+    """Surprisal [B, T] (nats) and where it counts [B, T] → features [B, T, len(SURPRISAL_BINS)]:
+    Gaussian bumps one nat wide, zero where `on` is False; beyond the last centre it reads as the last."""
+    c = torch.tensor(SURPRISAL_BINS, device=s.device, dtype=torch.float32)
+    return torch.exp(-(s.float().clamp(max=c[-1])[..., None] - c) ** 2) * on[..., None]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -177,6 +194,10 @@ class GPT(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.depth)])
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        # reads the model's own surprisal at each user token (input_surprisal); zero at first, so turning
+        # it on changes nothing until it is trained
+        self.surprisal_in = (nn.Linear(len(SURPRISAL_BINS), cfg.n_embd, bias=False)
+                             if cfg.surprisal_open >= 0 else None)
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
         freqs = torch.outer(torch.arange(cfg.seq_len, dtype=torch.float32), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -185,6 +206,7 @@ class GPT(nn.Module):
         sign = torch.cat((-torch.ones(cfg.head_dim // 2), torch.ones(cfg.head_dim // 2)))
         self.register_buffer("rope_sin_signed", emb.sin() * sign, persistent=False)
         self.doc_start: int | None = None  # see document_mask
+        self.surprisal_source: GPT | None = None  # see set_surprisal_source
         self.reset_parameters()
 
     @torch.no_grad()
@@ -197,6 +219,8 @@ class GPT(nn.Module):
                 nn.init.uniform_(lin.weight, -bound, bound)
             nn.init.zeros_(block.attn.o_proj.weight)
             nn.init.zeros_(block.mlp.down_proj.weight)
+        if self.surprisal_in is not None:
+            nn.init.zeros_(self.surprisal_in.weight)
 
     def document_mask(self, idx: torch.Tensor) -> torch.Tensor | None:
         """With `doc_start` set (a token id that opens every document, e.g. <|bos|>), the attention mask
@@ -211,6 +235,49 @@ class GPT(nn.Module):
         causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
         return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
 
+    def user_mask(self, idx: torch.Tensor) -> torch.Tensor:
+        """[B, T] True on the tokens strictly inside a user message (between surprisal_open and _close),
+        or on every token after the first with surprisal_all."""
+        if self.cfg.surprisal_all:
+            return torch.arange(idx.size(1), device=idx.device).expand_as(idx) > 0
+        opened = (idx == self.cfg.surprisal_open).long().cumsum(1)
+        closed = (idx == self.cfg.surprisal_close).long().cumsum(1)
+        return (opened > closed) & (idx != self.cfg.surprisal_open)
+
+    @torch.no_grad()
+    def input_surprisal(self, idx: torch.Tensor, attn_mask: torch.Tensor | None, cos, sin) -> torch.Tensor:
+        """-log p(token | the tokens before it), [B, T] (0 at the first position), from a pass of this
+        model with the surprisal input off (or of `surprisal_source`, when set). The signal of whether the
+        model knows a name lives only in its next-token predictions (no hidden state carries it); as an
+        input, the model can act on it."""
+        src = self if self.surprisal_source is None else self.surprisal_source
+        x = src.embed(idx)
+        for block in src.blocks:
+            x = block(x, cos, sin, None, attn_mask)
+        logp = src.lm_head(rms_norm(x, self.cfg.norm_eps))[:, :-1].float().log_softmax(-1)
+        s = torch.zeros(idx.shape, device=idx.device)
+        s[:, 1:] = -logp.gather(-1, idx[:, 1:, None])[..., 0]
+        return s
+
+    def embed_input(self, idx: torch.Tensor, cos, sin, attn_mask: torch.Tensor | None, pos: int = 0,
+                    key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings, plus the surprisal input on user tokens when the model has one. Only a
+        sequence given from its start (pos 0) gets it: a continuation chunk never holds user text in
+        generation."""
+        x = self.embed(idx)
+        if self.surprisal_in is None:
+            return x
+        on = self.user_mask(idx) if pos == 0 else torch.zeros(idx.shape, dtype=torch.bool, device=idx.device)
+        if on.any():
+            if key_mask is not None:  # left-padded rows: the padding is never attended to
+                T = idx.size(1)
+                eye = torch.eye(T, dtype=torch.bool, device=idx.device)
+                attn_mask = ((torch.ones_like(eye).tril() & key_mask[:, None, :T]) | eye)[:, None]
+            s = self.input_surprisal(idx, attn_mask, cos, sin)
+        else:  # still through the layer, so every step gives its weight a (zero) gradient under DDP
+            s = torch.zeros(idx.shape, device=idx.device)
+        return x + self.surprisal_in(surprisal_bins(s, on).to(x.dtype))
+
     def forward(self, idx, targets=None, cache: KVCache | None = None, reduction: str = "mean"):
         """idx [B, T] → logits [B, T, V]; with targets (-1 = ignored) → the loss instead."""
         B, T = idx.shape
@@ -222,8 +289,12 @@ class GPT(nn.Module):
         sin = (self.rope_sin_signed if cache is not None and cache.fused is not None else self.rope_sin)[pos:pos + T]
         if cos.dtype != dtype:
             cos, sin = cos.to(dtype), sin.to(dtype)
-        x = self.embed(idx)
         doc_mask = self.document_mask(idx) if cache is None else None
+        if self.surprisal_in is None:
+            x = self.embed(idx)
+        else:  # the surprisal pass runs on the plain weights: rotary sin unsigned
+            x = self.embed_input(idx, self.rope_cos[pos:pos + T].to(dtype), self.rope_sin[pos:pos + T].to(dtype),
+                                 doc_mask, pos, cache.key_mask if cache is not None else None)
         for block in self.blocks:
             x = block(x, cos, sin, cache, doc_mask)
         if cache is not None:
@@ -268,6 +339,27 @@ class GPT(nn.Module):
                              o=[t(x.o_proj.weight) for x in a],
                              gate_up=[t(x.gate_proj.weight, x.up_proj.weight) for x in m],
                              down=[t(x.down_proj.weight) for x in m], lm_head=t(self.lm_head.weight))
+
+    def with_surprisal_input(self, open_id: int, close_id: int, everywhere: bool = False) -> "GPT":
+        """A copy of this model that also reads its own surprisal at the tokens between open_id and
+        close_id (a user message's delimiters), or at every token (everywhere); it predicts exactly as
+        this one until trained (a surprisal input it already has is kept)."""
+        from dataclasses import replace
+        new = type(self)(replace(self.cfg, surprisal_open=open_id, surprisal_close=close_id, surprisal_all=everywhere))
+        missing, unexpected = new.load_state_dict(self.state_dict(), strict=False)
+        assert set(missing) <= {"surprisal_in.weight"} and not unexpected, (missing, unexpected)
+        new.doc_start = self.doc_start
+        return new.to(self.embed.weight.device)
+
+    def set_surprisal_source(self, model: "GPT | None") -> None:
+        """Read the surprisal input from a frozen `model` instead of this one (None: this one again).
+        Fine-tuning on questions about people the model does not know teaches it their names, and
+        its own surprisal at them falls while the reply to learn stays "I don't know"; the model it
+        started from keeps seeing them as the strangers they are. Not a submodule: no weights of it
+        are trained or saved."""
+        if model is not None:
+            model = model.eval().requires_grad_(False)
+        object.__setattr__(self, "surprisal_source", model)
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

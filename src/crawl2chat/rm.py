@@ -41,7 +41,7 @@ class RewardModel(GPT):
         T = idx.size(1)
         cos = self.rope_cos[:T].to(self.embed.weight.dtype)
         sin = self.rope_sin[:T].to(self.embed.weight.dtype)
-        x = self.embed(idx)
+        x = self.embed_input(idx, cos, sin, None)
         for block in self.blocks:
             x = block(x, cos, sin, None)
         return rms_norm(x, self.cfg.norm_eps)
@@ -53,11 +53,16 @@ class RewardModel(GPT):
         return self.value_head(h_last).squeeze(-1).float()
 
 
-def from_chat_model(model_dir: Path) -> RewardModel:
+def from_chat_model(model_dir: Path, surprisal_at: tuple[int, int] | None = None) -> RewardModel:
+    """The chat model under a zero value head; with surprisal_at (any token id, used only to switch
+    it on), reading its own surprisal at every token of the conversation (GPT.input_surprisal), so that
+    a reply's fact the model finds unlikely can lower its score."""
     chat = load_model(model_dir)
     rm = RewardModel(chat.cfg)
     missing, unexpected = rm.load_state_dict(chat.state_dict(), strict=False)
     assert not unexpected and all(k.startswith("value_head") for k in missing), (missing, unexpected)
+    if surprisal_at is not None:
+        rm = rm.with_surprisal_input(*surprisal_at, everywhere=True)
     return rm
 
 
@@ -179,7 +184,8 @@ def run_rm(run_dir: Path, cfg: Config, rm_cfg: RMConfig, train_cfg: TrainConfig,
     tok = Tokenizer.load(run_dir / "tokenizer")
     pad = tok.special_id("<|pad|>")
     start_dir = init_dir(run_dir, rc.init)
-    model = from_chat_model(start_dir)
+    model = from_chat_model(start_dir, (tok.special_id("<|user_start|>"), tok.special_id("<|user_end|>"))
+                            if rc.surprisal_input else None)
     T = model.cfg.seq_len
     info: dict = {}
     if rc.pairs or rc.hh:

@@ -104,16 +104,24 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
 
 # ---------------------------------------------------------------- optimizer and schedule
 
+# The surprisal input (GPT.surprisal_in) is added to a trained model at zero; at a fine-tuning learning
+# rate it would stay a small fraction of the embeddings it is added to.
+SURPRISAL_IN_LR_MULT = 100.0
+
+
 def build_optimizers(model: GPT, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
-    matrices = [p for n, p in model.named_parameters() if p.ndim == 2 and n.startswith("blocks.")]
-    others = [p for n, p in model.named_parameters() if not (p.ndim == 2 and n.startswith("blocks."))]
+    named = list(model.named_parameters())
+    matrices = [p for n, p in named if p.ndim == 2 and n.startswith("blocks.")]
+    boosted = [p for n, p in named if n.startswith("surprisal_in.")]
+    others = [p for n, p in named if not (p.ndim == 2 and n.startswith("blocks.")) and not n.startswith("surprisal_in.")]
     fused = device.type == "cuda"
+    extra = [{"params": boosted, "lr": cfg.lr * SURPRISAL_IN_LR_MULT, "weight_decay": 0.0}] if boosted else []
     if cfg.optimizer == "muon":
-        adam = torch.optim.AdamW(others, lr=cfg.lr, betas=cfg.betas, weight_decay=0.0, fused=fused)
+        adam = torch.optim.AdamW([{"params": others}, *extra], lr=cfg.lr, betas=cfg.betas, weight_decay=0.0, fused=fused)
         muon = torch.optim.Muon(matrices, lr=cfg.lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw")
         opts = [adam, muon]
     elif cfg.optimizer == "adamw":
-        groups = [{"params": matrices, "weight_decay": cfg.weight_decay}, {"params": others, "weight_decay": 0.0}]
+        groups = [{"params": matrices, "weight_decay": cfg.weight_decay}, {"params": others, "weight_decay": 0.0}, *extra]
         opts = [torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)]
     else:
         raise C2CError(f"optimizer must be adamw or muon, not {cfg.optimizer!r}")
