@@ -155,7 +155,7 @@ class RMConfig:
     margin: float = 0.05          # world: pairs whose rubric scores differ by less are ties, dropped
     max_new_tokens: int = 64
     temperature: float = 1.0
-    surprisal_input: bool = False  # the RM reads its own surprisal at every token (a made-up fact is unlikely)
+    surprisal_input: bool = True  # the RM reads its own surprisal at every token (a made-up fact is unlikely)
     seed: int = 0
 
 
