@@ -129,6 +129,12 @@ def test_invented_people_are_nobody_and_get_abstentions():
         assert q["name"] not in names and q["name"] in q["question"] and q["known"] is False
         assert q["name"].split()[0] in firsts and q["name"].split()[-1] in lasts  # recombined, not new words
     assert qs == idk.invented_people_questions(world, 40, seed=0)
+    half_a = world["splits"]["known_a"]
+    from_a = idk.invented_people_questions(world, 40, seed=0, parts_of=half_a)
+    assert len({q["name"] for q in from_a} - names) == 40
+    assert all(q["name"].split()[0] in {n.split()[0] for n in half_a} and
+               q["name"].split()[-1] in {n.split()[-1] for n in half_a} for q in from_a)
+    assert {q["name"].split()[-1] for q in qs} - {n.split()[-1] for n in half_a}  # the default draws from all
     convs = idk.honesty_conversations(qs, {p["name"]: p for p in world["people"]})
     assert all(idk.is_abstention(c[-1]["content"]) for c in convs)
 

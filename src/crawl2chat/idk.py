@@ -305,14 +305,15 @@ def tool_evals(model, tok, search_qs: list[dict], bignum: list[dict], search_fn)
 
 # ---- the stage ----------------------------------------------------------------------------------------
 
-def invented_people_questions(world: dict, n: int, seed: int) -> list[dict]:
-    """Questions about n people who exist nowhere: first names and surnames of the world recombined
-    into names no person has (the held-out unknown people are such names too, but never these), one
-    attribute each. Their answer is always an abstention."""
+def invented_people_questions(world: dict, n: int, seed: int, parts_of: list[str] | None = None) -> list[dict]:
+    """Questions about n people who exist nowhere: first names and surnames of the world (of the people
+    named in parts_of, when given) recombined into names no person has (the held-out unknown people are
+    such names too, but never these), one attribute each. Their answer is always an abstention."""
     rng = random.Random(f"{seed}:invented")
     taken = {p["name"] for p in world["people"]}
-    firsts = sorted({p["name"].split()[0] for p in world["people"]})
-    lasts = sorted({p["name"].split()[-1] for p in world["people"]})
+    parts = parts_of if parts_of is not None else [p["name"] for p in world["people"]]
+    firsts = sorted({name.split()[0] for name in parts})
+    lasts = sorted({name.split()[-1] for name in parts})
     names: list[str] = []
     for _ in range(n * 50):
         if len(names) == n:
@@ -338,8 +339,13 @@ def build_mix(run_dir: Path, cfg: Config, idk_cfg: IDKConfig, world: dict, probe
     honest = honesty_conversations(probed, people, seed=idk_cfg.seed)
     unknown_qs = conv.fact_questions(world, unknown_train, seed=idk_cfg.seed + 1)
     honest += honesty_conversations([dict(q, known=False) for q in unknown_qs], people, seed=idk_cfg.seed + 1)
+    # invented names are made of the parts of names the model is taught to answer about (half A): were
+    # they made of every person's, a surname seen only in "I don't know" replies would itself come to
+    # mean "abstain", and a known person of half B bearing it would be refused (measured: 0.91 of half-B
+    # questions abstained where the surname is no half-A person's, 0.32 where it is)
     invented = invented_people_questions(
-        world, idk_cfg.invented_people + idk_cfg.invented_search + idk_cfg.invented_found, idk_cfg.seed)
+        world, idk_cfg.invented_people + idk_cfg.invented_search + idk_cfg.invented_found, idk_cfg.seed,
+        parts_of=world["splits"]["known_a"] if idk_cfg.invented_from_known else None)
     found = invented[idk_cfg.invented_people + idk_cfg.invented_search:]
     invented = invented[:idk_cfg.invented_people + idk_cfg.invented_search]
     honest += honesty_conversations(invented[:idk_cfg.invented_people], people, seed=idk_cfg.seed + 6)
