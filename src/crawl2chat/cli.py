@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "rlhf":
             p.add_argument("--no-guard", action="store_true",
                            help="never stop early, to watch reward hacking: trains into <run>/rlhf_noguard/ (the "
-                                "guarded rlhf/ and the saved config stay as they are); report.md plots it")
+                                "guarded rlhf/ and the saved config stay as they are); report.md plots it. With "
+                                "--kl 0 --set rlhf_train.steps=300 the tiny run's gold falls as the proxy rises")
             p.add_argument("--kl", type=float, default=None, metavar="BETA", help="KL penalty to the start policy")
         if name in ("pretrain", "sft", "idk", "rl", "rm", "rlhf"):
             p.add_argument("--resume", action="store_true",

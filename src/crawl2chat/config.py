@@ -183,14 +183,18 @@ class RLHFConfig:
     final_samples: int = 4        # replies per held-out prompt for gold_before/gold_after
     patience: int = 2             # M: evaluations in a row of proxy up / gold down before stopping
     margin: float = 0.01          # gold must be this far below its peak to count as falling
-    noise_z: float = 1.0          # ... and this many standard errors of the per-prompt paired difference
+    # ... and this many standard errors of the per-prompt paired difference: at 1.0 the guard stopped
+    # on dips the next evaluation undid (step 25 of a run whose gold peaked at step 170)
+    noise_z: float = 2.0
     kl_budget: float = 10.0       # nats per reply
     n_adversarial: int = 20
     seed: int = 0
 
 
 def _rlhf_train() -> "TrainConfig":
-    return TrainConfig(steps=30, batch_size=0, lr=1e-4, warmup_steps=3, decay_frac=0.2, eval_every=5,
+    # 150: gold rose past step 90 (kept step 100: +0.027 on fresh samples, 95% CI +0.001 to +0.055);
+    # at 30 steps it had not moved (-0.004, -0.025 to +0.019)
+    return TrainConfig(steps=150, batch_size=0, lr=1e-4, warmup_steps=3, decay_frac=0.2, eval_every=5,
                        ckpt_every=10, grad_clip=1.0)
 
 
