@@ -120,7 +120,7 @@ class IDKConfig:
     invented_people: int = 3000   # extra "I don't know" questions about names no person has
     invented_search: int = 300    # tools-on questions about further invented names: search, find nobody
     invented_found: int = 6000    # tools-on questions about further invented names, a result made up for each: copy it
-    invented_from_known: bool = True  # invented names recombine half-A names only (see idk.build_mix)
+    invented_from: str = "probe"  # whose name parts invented names recombine: probe, known_a or all (idk.build_mix)
     search_train: float = 0.5     # share of search-only people trained on (the rest are held out)
     known_search: int = 100       # tools-on fact questions about known_a people (they search too)
     n_bignum: int = 3000          # bignum_train problems solved with Python (0 = all)

@@ -339,13 +339,24 @@ def build_mix(run_dir: Path, cfg: Config, idk_cfg: IDKConfig, world: dict, probe
     honest = honesty_conversations(probed, people, seed=idk_cfg.seed)
     unknown_qs = conv.fact_questions(world, unknown_train, seed=idk_cfg.seed + 1)
     honest += honesty_conversations([dict(q, known=False) for q in unknown_qs], people, seed=idk_cfg.seed + 1)
-    # invented names are made of the parts of names the model is taught to answer about (half A): were
-    # they made of every person's, a surname seen only in "I don't know" replies would itself come to
-    # mean "abstain", and a known person of half B bearing it would be refused (measured: 0.91 of half-B
-    # questions abstained where the surname is no half-A person's, 0.32 where it is)
+    # invented names are made of the parts of names the model is taught to answer about: were they made
+    # of every person's, a surname seen only in "I don't know" replies would itself come to mean
+    # "abstain", and a known person of half B bearing it would be refused (measured: 0.91 of half-B
+    # questions abstained where the surname is no half-A person's, 0.32 where it is). "probe": the
+    # tools-off ones recombine the probed people's names, the very names of the tools-off answers (too
+    # few pairs for all of them: the tools-on ones recombine half A's)
+    if idk_cfg.invented_from not in ("known_a", "probe", "all"):
+        raise C2CError(f"idk.invented_from: {idk_cfg.invented_from!r} is not one of known_a, probe, all")
+    parts_of = None if idk_cfg.invented_from == "all" else world["splits"]["known_a"]
     invented = invented_people_questions(
         world, idk_cfg.invented_people + idk_cfg.invented_search + idk_cfg.invented_found, idk_cfg.seed,
-        parts_of=world["splits"]["known_a"] if idk_cfg.invented_from_known else None)
+        parts_of=parts_of)
+    if idk_cfg.invented_from == "probe":
+        probe_names = sorted({q["name"] for q in probed if q.get("source") == "known_a"})
+        rest = {q["name"] for q in invented[idk_cfg.invented_people:]}
+        own = [q for q in invented_people_questions(world, idk_cfg.invented_people * 2, idk_cfg.seed + 1,
+                                                    parts_of=probe_names) if q["name"] not in rest]
+        invented = own[:idk_cfg.invented_people] + invented[idk_cfg.invented_people:]
     found = invented[idk_cfg.invented_people + idk_cfg.invented_search:]
     invented = invented[:idk_cfg.invented_people + idk_cfg.invented_search]
     honest += honesty_conversations(invented[:idk_cfg.invented_people], people, seed=idk_cfg.seed + 6)
