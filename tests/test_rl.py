@@ -55,6 +55,9 @@ def test_advantages_by_hand():
     assert torch.equal(adv[1], torch.zeros(4))
     adv_no_std = group_advantages(rewards, scale_std=False)
     assert torch.allclose(adv_no_std[0], torch.tensor([0.5, -0.5, -0.5, 0.5]))
+    leaning = group_advantages(rewards, scale_std=False, neg_weight=0.25)  # only the wrong replies shrink
+    assert torch.allclose(leaning[0], torch.tensor([0.5, -0.125, -0.125, 0.5]))
+    assert torch.equal(leaning[1], torch.zeros(4))
 
 
 def test_loss_gradient_by_hand_and_equal_group_gives_none():

@@ -220,3 +220,22 @@ def test_batch_tokens_sets_grad_accum(monkeypatch):
     assert with_batch_tokens(TrainConfig(grad_accum=3), 8 * 64).grad_accum == 3  # 0: grad_accum as given
     with pytest.raises(C2CError, match="multiple of batch_size × seq_len × processes"):
         with_batch_tokens(TrainConfig(batch_tokens=1000), 8 * 64)
+
+
+def test_only_the_stage_that_adds_the_surprisal_input_boosts_it():
+    """The input starts at zero in the stage that adds it (idk, rm) and learns at SURPRISAL_IN_LR_MULT × lr;
+    every other stage trains it at the plain learning rate."""
+    from crawl2chat.train import SURPRISAL_IN_LR_MULT
+    model = GPT(SMALL).with_surprisal_input(1, 2)
+    surprisal_in = {id(p) for p in model.surprisal_in.parameters()}
+
+    def lr_of_input(opts):
+        (lr,) = {g["lr"] for o in opts for g in o.param_groups if {id(p) for p in g["params"]} & surprisal_in}
+        return lr
+
+    cfg = TrainConfig(lr=1e-4)
+    assert lr_of_input(build_optimizers(model, cfg, torch.device("cpu"))) == pytest.approx(1e-4)
+    boosted = build_optimizers(model, cfg, torch.device("cpu"), SURPRISAL_IN_LR_MULT)
+    assert lr_of_input(boosted) == pytest.approx(1e-4 * SURPRISAL_IN_LR_MULT)
+    others = [g["lr"] for o in boosted for g in o.param_groups if not {id(p) for p in g["params"]} & surprisal_in]
+    assert others and all(lr == pytest.approx(1e-4) for lr in others)

@@ -32,7 +32,8 @@ from crawl2chat.evals import chat_replies, contains_answer, normalize
 from crawl2chat.problems import final_answer, same_number
 from crawl2chat.shards import RowLoader
 from crawl2chat.tokenizer import Tokenizer
-from crawl2chat.train import evaluate_loss, load_model, pick_device, resolve_dtype, train, with_batch_tokens
+from crawl2chat.train import (SURPRISAL_IN_LR_MULT, evaluate_loss, load_model, pick_device, resolve_dtype, train,
+                              with_batch_tokens)
 
 
 # Query words appended to the person's name: they match the wording of most pages about the attribute and
@@ -422,7 +423,9 @@ def run_idk(run_dir: Path, cfg: Config, idk_cfg: IDKConfig, train_cfg: TrainConf
                                      seed=idk_cfg.seed + 5)
     before = honesty_evals(model, tok, unknown_eval, known_eval)
     before["surprisal_auc"] = surprisal_auc(model, tok, unknown_eval, known_eval)
+    surprisal_lr_mult = 1.0
     if idk_cfg.surprisal_input and model.surprisal_in is None:
+        surprisal_lr_mult = SURPRISAL_IN_LR_MULT  # the input starts at zero here
         model = model.with_surprisal_input(tok.special_id("<|user_start|>"), tok.special_id("<|user_end|>"))
         if idk_cfg.frozen_surprisal:
             model.set_surprisal_source(load_model(run_dir / "sft", pick_device()))
@@ -441,7 +444,8 @@ def run_idk(run_dir: Path, cfg: Config, idk_cfg: IDKConfig, train_cfg: TrainConf
     summary = train(model, tc, out_dir,
                     lambda step, micro, rank, world_size: loader.batch(step, micro, tc.grad_accum, rank, world_size),
                     tokens_per_micro=tc.batch_size * T,
-                    eval_fn=lambda m: evaluate_loss(m, val, None, eval_dtype), resume=resume, desc="idk")
+                    eval_fn=lambda m: evaluate_loss(m, val, None, eval_dtype), resume=resume, desc="idk",
+                    surprisal_lr_mult=surprisal_lr_mult)
     summary.update({f"pack_{k}": v for k, v in stats.items()}, **counts)
     summary["epochs"] = loader.epoch_of(tc.steps, tc.grad_accum, summary["world_size"])
     known_share = sum(r["known"] for r in probed) / max(1, len(probed))

@@ -37,14 +37,16 @@ def reward(text: str, ended: bool, n_tokens: int, gold, g: GRPOConfig) -> tuple[
     return r, correct
 
 
-def group_advantages(rewards: torch.Tensor, scale_std: bool = True, eps: float = 1e-4) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, scale_std: bool = True, eps: float = 1e-4,
+                     neg_weight: float = 1.0) -> torch.Tensor:
     """rewards [n_groups, G] → advantages: reward minus its group's mean (over the group's std when
-    scale_std). A group whose rewards are all equal gets zero advantages: it teaches nothing."""
+    scale_std), the negative ones × neg_weight. A group whose rewards are all equal gets zero advantages:
+    it teaches nothing."""
     adv = rewards - rewards.mean(dim=1, keepdim=True)
     if scale_std:
         std = rewards.std(dim=1, keepdim=True)
         adv = torch.where(std > 0, adv / (std + eps), torch.zeros_like(adv))
-    return adv
+    return torch.where(adv < 0, adv * neg_weight, adv)
 
 
 def grpo_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
@@ -161,7 +163,7 @@ def make_rollouts(policy, ref, tok: Tokenizer, problems: list[dict], g: GRPOConf
         correct.append(ok)
         lengths.append(len(comp))
     R = torch.tensor(rewards).view(len(problems), g.group_size)
-    adv = group_advantages(R, g.scale_std).view(-1)
+    adv = group_advantages(R, g.scale_std, neg_weight=g.neg_weight).view(-1)
     seqs = [p + c for p, c, _, _, _ in samples]
     plens = [len(p) for p, _, _, _, _ in samples]
     keep = [i for i, c in enumerate(samples) if c[1]]  # an empty completion has no token to train

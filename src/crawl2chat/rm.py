@@ -24,7 +24,7 @@ from crawl2chat.config import Config, RMConfig, TrainConfig
 from crawl2chat.model import GPT, GPTConfig, rms_norm
 from crawl2chat.rl import sample_completions
 from crawl2chat.tokenizer import Tokenizer
-from crawl2chat.train import load_model, train
+from crawl2chat.train import SURPRISAL_IN_LR_MULT, load_model, train
 
 
 class RewardModel(GPT):
@@ -232,7 +232,9 @@ def run_rm(run_dir: Path, cfg: Config, rm_cfg: RMConfig, train_cfg: TrainConfig,
         return {"rm_acc": pair_accuracy(m, held, pad)}
 
     summary = train(model, tc, out, batch_fn, tokens_per_micro=0, eval_fn=eval_fn, resume=resume, desc="rm",
-                    loss_fn=loss_fn, bar_keys=("train_acc", "rm_acc"))
+                    loss_fn=loss_fn, bar_keys=("train_acc", "rm_acc"),
+                    # the input now reads every token of the reply, not the user's words it was trained on
+                    surprisal_lr_mult=SURPRISAL_IN_LR_MULT)
     if dist_info()[0] != 0:
         return summary
     atomic_write_json(out / "rm_config.json", asdict(rc))
