@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from crawl2chat.common import C2CError
 from crawl2chat.engine import generate, generate_batch, sample_next
-from crawl2chat.model import GPT, GPTConfig, KVCache
+from crawl2chat.model import GPT, GPTConfig, KVCache, surprisal_bins
 
 CFG = GPTConfig(vocab_size=97, depth=2, n_embd=64, n_head=4, head_dim=16, mlp_hidden=128, seq_len=48)
 
@@ -184,6 +184,23 @@ def test_ragged_batches_equal_one_by_one():
             torch.testing.assert_close(last[i], model(torch.tensor([p]))[0, -1], atol=1e-4, rtol=0)
 
 
+def test_rows_that_stop_leave_the_batch(monkeypatch):
+    """Rows that hit a stop id at different steps are dropped from the cache (KVCache.keep_rows) and
+    the others go on exactly as alone."""
+    model = sharp_model(3)
+    g = torch.Generator().manual_seed(3)
+    prompts = [random_prompt(g, n) for n in (1, 9, 4, 4, 12, 2)]
+    full = [generate(model, [p], 10)[0] for p in prompts]
+    stops = {full[0][1], full[4][4]}
+    want = [next((o[:j + 1] for j, t in enumerate(o) if t in stops), o) for o in full]
+    assert len({len(w) for w in want}) >= 3  # the premise: rows stop at different steps
+    kept = []
+    real_keep = KVCache.keep_rows
+    monkeypatch.setattr(KVCache, "keep_rows", lambda self, rows: (kept.append(len(rows)), real_keep(self, rows)))
+    assert generate(model, prompts, 10, ragged=True, stop_ids=list(stops)) == want
+    assert kept and min(kept) < len(prompts)
+
+
 def test_decode_step_matches_forward():
     """decode_step (fixed shapes: the whole cache under a position mask) gives the forward's logits."""
     model = sharp_model(4)
@@ -233,6 +250,17 @@ def support(logits_row: torch.Tensor, top_p: float, n: int = 3000) -> set[int]:
     g = torch.Generator().manual_seed(0)
     ids = sample_next(logits_row.repeat(n, 1), 1.0, None, top_p, g)
     return set(ids.tolist())
+
+
+def test_sampling_follows_the_distribution():
+    probs = torch.tensor([0.1, 0.0, 0.2, 0.3, 0.4])
+    g = torch.Generator().manual_seed(0)
+    ids = sample_next(probs.log().repeat(40_000, 1), 1.0, None, None, g)
+    freq = torch.bincount(ids, minlength=5).float() / len(ids)
+    assert freq[1] == 0  # a zero-probability token is never drawn
+    torch.testing.assert_close(freq, probs, atol=0.01, rtol=0)
+    hot = sample_next((probs.log() / 0.5).repeat(40_000, 1), 2.0, None, None, g)  # temperature undoes the sharpening
+    torch.testing.assert_close(torch.bincount(hot, minlength=5).float() / len(hot), probs, atol=0.01, rtol=0)
 
 
 @pytest.mark.parametrize("top_p, kept", [
@@ -358,3 +386,15 @@ def test_surprisal_source_is_read_but_not_part_of_the_model():
     model.set_surprisal_source(None)
     with torch.no_grad():
         torch.testing.assert_close(model(x), own_logits)
+
+
+def test_surprisal_pass_stops_at_the_last_user_token():
+    """The surprisal pass is causal, so running it only up to the last user token changes nothing."""
+    model = surprisal_model(12)
+    x = torch.tensor([[1, OPEN, 10, 11, 12, CLOSE, 20, 21, 22, 23, 24], [1, 2, OPEN, 13, CLOSE, 25, 26, 27, 28, 29, 30]])
+    T = x.size(1)
+    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+    with torch.no_grad():
+        full = model.input_surprisal(x, None, cos, sin)
+        want = model.embed(x) + model.surprisal_in(surprisal_bins(full, model.user_mask(x)))
+        torch.testing.assert_close(model.embed_input(x, cos, sin, None), want)

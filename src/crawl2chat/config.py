@@ -212,6 +212,8 @@ class GRPOConfig:
     epsilon: float = 0.2          # clip range below 1
     epsilon_high: float = 0.28    # clip range above 1 (DAPO's clip-higher)
     beta: float = 0.0             # KL penalty to the starting model (0: logged, not optimised)
+    kl_stride: int = 4            # with beta 0, the reference scores every kl_stride-th rollout (the logged
+    #                               KL is an estimate over those; one forward pass in four instead of four)
     scale_std: bool = True        # divide advantages by the group's std (Dr. GRPO: False)
     neg_weight: float = 1.0       # × the advantages below zero (< 1 leans on the right replies: sharper pass@1)
     format_reward: float = 0.1    # for ending with "The answer is N." and the end token

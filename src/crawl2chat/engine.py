@@ -33,8 +33,12 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
         drop[:, 0] = False  # the most likely token always stays (top_p <= 0 is greedy)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # inverse-CDF sampling: one uniform per row (torch.multinomial draws one per vocabulary entry, ~40×
+    # slower at a 2k vocabulary). right=True never lands on a zero-probability token
+    cdf = logits.softmax(-1).cumsum(-1)
+    u = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    ids = torch.searchsorted(cdf, u, right=True).squeeze(-1)
+    return torch.where(ids < cdf.size(-1), ids, logits.argmax(-1))  # u rounded up onto the total: rare
 
 
 @torch.no_grad()
@@ -65,22 +69,32 @@ def generate_batch(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens:
     out: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
     stops = set(stop_ids)
+    rows = list(range(B))  # the prompt each cache row continues
     for i in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
-        for b, tok in enumerate(nxt.tolist()):  # one host transfer per step, bookkeeping in Python
+        for b, tok in zip(rows, nxt.tolist()):  # one host transfer per step, bookkeeping in Python
             if done[b]:
                 continue
             out[b].append(tok)
             if on_token is not None:
                 on_token(b, tok)
             done[b] = tok in stops
-        if all(done) or i == max_new_tokens - 1:
+        live = [j for j, b in enumerate(rows) if not done[b]]
+        if not live or i == max_new_tokens - 1:
             break
+        if step is None and len(live) <= COMPACT_AT * len(rows):
+            # finished rows leave the batch: decoding costs what the rows still generating need
+            keep = torch.tensor(live, device=device)
+            cache.keep_rows(keep)
+            nxt, rows = nxt[keep], [rows[j] for j in live]
         if step is None:
-            logits = model(nxt.view(B, 1), cache=cache)[:, -1]
+            logits = model(nxt.view(len(rows), 1), cache=cache)[:, -1]
         else:
             logits = step(nxt.view(B, 1), torch.tensor([T0 + i], device=device), cache)
     return out
+
+
+COMPACT_AT = 0.75  # drop finished rows once a quarter of the batch has finished (each drop copies the cache)
 
 
 _COMPILED: "weakref.WeakKeyDictionary[GPT, Callable]" = weakref.WeakKeyDictionary()
@@ -253,24 +267,28 @@ def generate_with_tools(model: GPT, tok, prompt_ids: Sequence[int], max_new_toke
     return new, tool_parts_from_ids(tok, new)
 
 
+@torch.no_grad()
 def generate_with_tools_batch(model: GPT, tok, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                               tools: dict[str, Callable[[str], str]], *, max_calls: int = 4,
-                              batch_size: int = 256, **kwargs) -> list[tuple[list[int], list[int]]]:
-    """generate_with_tools for many prompts at once, as RL rollouts need: every prompt is generated until
-    it ends or closes a call (batched, ragged); the calls of a round run in a thread pool; their outputs
-    are appended and the prompts with a call go on in the next round (re-prefilled). max_new_tokens
-    counts sampled tokens only. Returns per prompt (new ids, sampled) where sampled[j] is 1 for an id
-    the model sampled and 0 for an injected tool output id (a loss must not train on those)."""
+                              batch_size: int = 256, temperature: float = 0.0, top_k: int | None = None,
+                              top_p: float | None = None, generator: torch.Generator | None = None
+                              ) -> list[tuple[list[int], list[int]]]:
+    """generate_with_tools for many prompts at once, as RL rollouts need. The prompts are left-padded
+    into batches sharing one KV cache; every row decodes until it ends or closes a call (a row that
+    closed a call waits, masked, while the others go on); then the calls run in a thread pool and their
+    outputs are prefilled into the same cache, each row's left-padded (per-row rotary positions keep
+    the masked columns out of every distance), and decoding goes on. Rows that finished leave the batch.
+    max_new_tokens counts sampled tokens only. Returns per prompt (new ids, sampled) where sampled[j]
+    is 1 for an id the model sampled and 0 for an injected tool output id (a loss must not train on those)."""
     sid = tok.special_id
     ends = {sid(e): kind for kind, e in _ENDS.items()}
     starts = {sid(s): kind for s, kind in _CALLS.items()}
-    stop_ids = [sid("<|assistant_end|>"), tok.bos_id, *ends]
+    finals = {sid("<|assistant_end|>"), tok.bos_id}
     out_start, out_end = sid("<|output_start|>"), sid("<|output_end|>")
     limit = model.cfg.seq_len
     new: list[list[int]] = [[] for _ in prompts]
     sampled: list[list[int]] = [[] for _ in prompts]
     calls = [0] * len(prompts)
-    active = [i for i, p in enumerate(prompts) if p and len(p) < limit and max_new_tokens > 0]
 
     def budget(i: int) -> int:
         return min(max_new_tokens - sum(sampled[i]), limit - len(prompts[i]) - len(new[i]))
@@ -295,24 +313,66 @@ def generate_with_tools_batch(model: GPT, tok, prompts: Sequence[Sequence[int]],
         except Exception as e:  # a tool's failure is the model's observation, not a crash
             return f"tool error: {e}"
 
+    todo = sorted((i for i, p in enumerate(prompts) if p and len(p) < limit and max_new_tokens > 0),
+                  key=lambda i: len(prompts[i]))
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
     with ThreadPoolExecutor(4) as pool:
-        while active:
-            outs = generate(model, [list(prompts[i]) + new[i] for i in active], max(budget(i) for i in active),
-                            ragged=True, batch_size=batch_size, stop_ids=stop_ids, **kwargs)
-            called, stray = [], []
-            for i, o in zip(active, outs):
-                o = o[:budget(i)]
-                new[i] += o
-                sampled[i] += [1] * len(o)
-                if o and o[-1] in ends:
-                    (called if open_call(i) >= 0 else stray).append(i)
-            for i, result in zip(called, pool.map(run_call, called)):
-                room = limit - len(prompts[i]) - len(new[i]) - 1  # keep one position for the next token
-                if room < 2:
-                    continue
-                output = [out_start] + tok.encode(result)[:room - 2] + [out_end]
-                new[i] += output
-                sampled[i] += [0] * len(output)
-            active = [i for i in called if new[i][-1] == out_end] + stray
-            active = [i for i in sorted(active) if budget(i) > 0]
+        for s in range(0, len(todo), batch_size):
+            rows = todo[s:s + batch_size]  # the prompt each cache row continues
+            chunk = [list(prompts[i]) for i in rows]  # what each row feeds next: its prompt, then outputs
+            cache = KVCache(model.cfg, len(rows), len(chunk[-1]) + max_new_tokens, device,
+                            next(model.parameters()).dtype, fused=model.decode_weights())
+            cache.key_mask = torch.ones(len(rows), cache.max_len, dtype=torch.bool, device=device)
+            cache.row_pos = torch.zeros(len(rows), dtype=torch.long, device=device)
+            while rows:
+                T = max(len(c) for c in chunk)
+                cache.reserve(cache.pos + T + max_new_tokens)
+                cache.key_mask[:, cache.pos:cache.pos + T] = torch.tensor(
+                    [[j >= T - len(c) for j in range(T)] for c in chunk], device=device)
+                x = torch.tensor([[0] * (T - len(c)) + c for c in chunk], dtype=torch.long, device=device)
+                logits = model(x, cache=cache)[:, -1]
+                waiting: set[int] = set()  # rows that closed a call
+                done: set[int] = set()     # rows that finished
+                while True:
+                    nxt = sample_next(logits, temperature, top_k, top_p, generator)
+                    for i, t in zip(rows, nxt.tolist()):
+                        if i in waiting or i in done:
+                            continue
+                        new[i].append(t)
+                        sampled[i].append(1)
+                        if t in finals:
+                            done.add(i)
+                        elif t in ends and open_call(i) >= 0:
+                            waiting.add(i)
+                        elif budget(i) <= 0:
+                            done.add(i)
+                    live = [j for j, i in enumerate(rows) if i not in done]
+                    if len(live) <= COMPACT_AT * len(rows):  # finished rows leave the batch
+                        keep = torch.tensor(live, dtype=torch.long, device=device)
+                        cache.keep_rows(keep)
+                        nxt, rows = nxt[keep], [rows[j] for j in live]
+                    if all(i in waiting or i in done for i in rows):
+                        break
+                    cache.reserve(cache.pos + 1)
+                    cache.key_mask[:, cache.pos] = torch.tensor([i not in waiting and i not in done for i in rows], device=device)
+                    logits = model(nxt.view(len(rows), 1), cache=cache)[:, -1]
+                # the calls of this round; the rows whose output fits and have budget left go on
+                chunk, going, calling = [], [], [i for i in rows if i in waiting]
+                for i, result in zip(calling, pool.map(run_call, calling)):
+                    room = limit - len(prompts[i]) - len(new[i]) - 1  # keep one position for the next token
+                    if room < 2:
+                        continue
+                    output = [out_start] + tok.encode(result)[:room - 2] + [out_end]
+                    new[i] += output
+                    sampled[i] += [0] * len(output)
+                    if budget(i) > 0:
+                        going.append(i)
+                        chunk.append([new[i][-len(output) - 1]] + output)  # the call's end id, then the output
+                keep = torch.tensor([j for j, i in enumerate(rows) if i in going], dtype=torch.long, device=device)
+                if len(going):
+                    cache.keep_rows(keep)
+                rows = going
+    model.train(was_training)
     return list(zip(new, sampled))

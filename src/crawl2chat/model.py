@@ -97,10 +97,36 @@ class KVCache:
         self.pos = 0
         self.max_len = max_len
         self.key_mask: torch.Tensor | None = None  # [batch, max_len], False on left padding (ragged batches)
+        # per-row rotary positions: the real (key_mask True) tokens each row holds. With it, a row may have
+        # masked columns anywhere (a chunk left-padded mid-sequence, a row waiting while others decode)
+        # and still sees its own tokens at their true distances. None: the column is the position
+        self.row_pos: torch.Tensor | None = None
         self.fused = fused
 
     def reset(self):
         self.pos = 0
+
+    def keep_rows(self, rows: torch.Tensor):
+        """Keep only these batch rows (the others finished generating)."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
+        self.k_layers = list(self.k.unbind(0))  # views into the new storage, written in place as before
+        self.v_layers = list(self.v.unbind(0))
+        if self.key_mask is not None:
+            self.key_mask = self.key_mask[rows]
+        if self.row_pos is not None:
+            self.row_pos = self.row_pos[rows]
+
+    def reserve(self, columns: int):
+        """Room for at least `columns` columns (reallocated, contents kept, new key_mask columns True)."""
+        if columns <= self.max_len:
+            return
+        grow = columns - self.max_len
+        pad = lambda t: torch.cat([t, t.new_zeros(*t.shape[:3], grow, t.shape[4])], dim=3)
+        self.k, self.v = pad(self.k), pad(self.v)
+        self.k_layers, self.v_layers = list(self.k.unbind(0)), list(self.v.unbind(0))
+        if self.key_mask is not None:
+            self.key_mask = torch.cat([self.key_mask, self.key_mask.new_ones(self.key_mask.size(0), grow)], 1)
+        self.max_len = columns
 
 
 class Attention(nn.Module):
@@ -273,7 +299,12 @@ class GPT(nn.Module):
                 T = idx.size(1)
                 eye = torch.eye(T, dtype=torch.bool, device=idx.device)
                 attn_mask = ((torch.ones_like(eye).tril() & key_mask[:, None, :T]) | eye)[:, None]
-            s = self.input_surprisal(idx, attn_mask, cos, sin)
+            # the pass is causal: it need not go past the last user token (the rest of a conversation
+            # is often longer than its user messages: RL's completions, a reply being generated)
+            end = int(on.any(0).nonzero().max()) + 1
+            s = torch.zeros(idx.shape, device=idx.device)
+            s[:, :end] = self.input_surprisal(idx[:, :end], attn_mask[..., :end, :end] if attn_mask is not None else None,
+                                              cos[:end], sin[:end])
         else:  # still through the layer, so every step gives its weight a (zero) gradient under DDP
             s = torch.zeros(idx.shape, device=idx.device)
         return x + self.surprisal_in(surprisal_bins(s, on).to(x.dtype))
@@ -282,11 +313,21 @@ class GPT(nn.Module):
         """idx [B, T] → logits [B, T, V]; with targets (-1 = ignored) → the loss instead."""
         B, T = idx.shape
         pos = cache.pos if cache is not None else 0
-        if pos + T > self.cfg.seq_len:
-            raise ValueError(f"sequence of {pos + T} tokens is longer than the context ({self.cfg.seq_len})")
         dtype = self.embed.weight.dtype
-        cos = self.rope_cos[pos:pos + T]
-        sin = (self.rope_sin_signed if cache is not None and cache.fused is not None else self.rope_sin)[pos:pos + T]
+        sin_table = self.rope_sin_signed if cache is not None and cache.fused is not None else self.rope_sin
+        if cache is not None and cache.row_pos is not None:
+            if pos + T > cache.max_len:
+                raise ValueError(f"{pos + T} columns do not fit the cache ({cache.max_len}): KVCache.reserve")
+            real = cache.key_mask[:, pos:pos + T]
+            at = (cache.row_pos[:, None] + real.long().cumsum(1) - 1).clamp(min=0)  # [B, T]
+            cache.row_pos = cache.row_pos + real.sum(1)
+            if int(cache.row_pos.max()) > self.cfg.seq_len:
+                raise ValueError(f"a row of {int(cache.row_pos.max())} tokens is longer than the context ({self.cfg.seq_len})")
+            cos, sin = self.rope_cos[at][:, None], sin_table[at][:, None]  # [B, 1, T, D]: per row
+        else:
+            if pos + T > self.cfg.seq_len:
+                raise ValueError(f"sequence of {pos + T} tokens is longer than the context ({self.cfg.seq_len})")
+            cos, sin = self.rope_cos[pos:pos + T], sin_table[pos:pos + T]
         if cos.dtype != dtype:
             cos, sin = cos.to(dtype), sin.to(dtype)
         doc_mask = self.document_mask(idx) if cache is None else None

@@ -51,10 +51,11 @@ def group_advantages(rewards: torch.Tensor, scale_std: bool = True, eps: float =
 
 def grpo_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
                     eps_low: float, eps_high: float, ref_logp: torch.Tensor | None = None,
-                    beta: float = 0.0) -> tuple[torch.Tensor, dict]:
+                    beta: float = 0.0, ref_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Clipped policy-ratio objective per completion token. logp/old_logp/ref_logp/mask: [B, T]; adv: [B].
     Returns the SUM of per-token losses over masked tokens (the caller divides by the batch's token
-    count: DAPO's token-level normalisation) and statistics."""
+    count: DAPO's token-level normalisation) and statistics. ref_rows [B] (bool): the rows ref_logp
+    holds (the KL statistic averages over those); None: all."""
     ratio = torch.exp(logp - old_logp)
     a = adv.unsqueeze(1)
     unclipped = ratio * a
@@ -69,7 +70,9 @@ def grpo_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tenso
     m = mask.float()
     n = m.sum().clamp(min=1)
     was_clipped = ((ratio < 1 - eps_low) & (a < 0)) | ((ratio > 1 + eps_high) & (a > 0))
-    stats = {"clip_frac": float((was_clipped.float() * m).sum() / n), "kl": float((kl.detach() * m).sum() / n)}
+    m_kl = m if ref_rows is None else m * ref_rows.float()[:, None]
+    stats = {"clip_frac": float((was_clipped.float() * m).sum() / n),
+             "kl": float((kl.detach() * m_kl).sum() / m_kl.sum().clamp(min=1))}
     return (per_token * m).sum(), stats
 
 
@@ -81,7 +84,7 @@ class Rollouts:
     prompt_lens: list[int]
     advantages: torch.Tensor     # [N]
     old_logp: list[torch.Tensor] | None
-    ref_logp: list[torch.Tensor] | None
+    ref_logp: list[torch.Tensor | None] | None  # None for a rollout the reference did not score
     stats: dict
     sampled: list[list[int]] | None = None  # per completion id: 1 sampled, 0 a tool's output (never trained)
 
@@ -171,7 +174,12 @@ def make_rollouts(policy, ref, tok: Tokenizer, problems: list[dict], g: GRPOConf
     sampled = [samples[i][4] for i in keep] if g.tools else None
     pad = tok.special_id("<|pad|>")
     old = per_token_logp(policy, seqs, plens, pad, device, sampled=sampled) if g.inner_steps > 1 else None
-    refs = per_token_logp(ref, seqs, plens, pad, device, sampled=sampled)
+    # with beta 0 the KL is only logged: an estimate over every kl_stride-th rollout saves most of a pass
+    scored = list(range(len(seqs))) if g.beta else list(range(0, len(seqs), max(1, g.kl_stride)))
+    refs: list[torch.Tensor | None] = [None] * len(seqs)
+    for i, lp in zip(scored, per_token_logp(ref, [seqs[i] for i in scored], [plens[i] for i in scored], pad,
+                                            device, sampled=[sampled[i] for i in scored] if sampled else None)):
+        refs[i] = lp
     equal = (R.max(dim=1).values == R.min(dim=1).values).float().mean()
     n_correct = sum(correct)
     stats = {"reward_mean": float(R.mean()), "reward_std": float(R.std()), "equal_groups": float(equal),
@@ -278,12 +286,14 @@ def run_rl(run_dir: Path, cfg: Config, resume: bool = False) -> dict:
                                      [ro.sampled[i] for i in idx] if ro.sampled is not None else None)
         T = logp.size(1)
 
-        def stack(rows):
-            return torch.stack([torch.nn.functional.pad(rows[i], (0, T - len(rows[i]))) for i in idx]).to(device)
+        def stack(rows):  # a row missing (None) reads as the policy's own: zero KL
+            return torch.stack([torch.nn.functional.pad(rows[i], (0, T - len(rows[i]))) if rows[i] is not None
+                                else logp[j].detach().float().cpu() for j, i in enumerate(idx)]).to(device)
         old = stack(ro.old_logp) if ro.old_logp is not None else logp.detach()
         refl = stack(ro.ref_logp) if ro.ref_logp is not None else None
+        has_ref = torch.tensor([ro.ref_logp[i] is not None for i in idx], device=device) if refl is not None else None
         loss_sum, stats = grpo_token_loss(logp, old, ro.advantages[idx].to(device), mask, g.epsilon,
-                                          g.epsilon_high, refl, g.beta)
+                                          g.epsilon_high, refl, g.beta, has_ref)
         loss = loss_sum * tc.grad_accum / max(1, n_tokens)
         stats["tokens"] = int(mask.sum())
         stats.update(ro.stats)
