@@ -295,16 +295,21 @@ class GPT(nn.Module):
             return x
         on = self.user_mask(idx) if pos == 0 else torch.zeros(idx.shape, dtype=torch.bool, device=idx.device)
         if on.any():
+            T = idx.size(1)
             if key_mask is not None:  # left-padded rows: the padding is never attended to
-                T = idx.size(1)
                 eye = torch.eye(T, dtype=torch.bool, device=idx.device)
                 attn_mask = ((torch.ones_like(eye).tril() & key_mask[:, None, :T]) | eye)[:, None]
             # the pass is causal: it need not go past the last user token (the rest of a conversation
-            # is often longer than its user messages: RL's completions, a reply being generated)
-            end = int(on.any(0).nonzero().max()) + 1
-            s = torch.zeros(idx.shape, device=idx.device)
-            s[:, :end] = self.input_surprisal(idx[:, :end], attn_mask[..., :end, :end] if attn_mask is not None else None,
-                                              cos[:end], sin[:end])
+            # is often longer than its user messages: RL's completions, a reply being generated). Not
+            # under torch.compile: a length read from the data would break the graph (packed rows hold
+            # user messages to their end anyway)
+            end = T if torch.compiler.is_compiling() else int(on.any(0).nonzero().max()) + 1
+            if end == T:
+                s = self.input_surprisal(idx, attn_mask, cos, sin)
+            else:
+                s = torch.zeros(idx.shape, device=idx.device)
+                s[:, :end] = self.input_surprisal(idx[:, :end], attn_mask[..., :end, :end] if attn_mask is not None
+                                                  else None, cos[:end], sin[:end])
         else:  # still through the layer, so every step gives its weight a (zero) gradient under DDP
             s = torch.zeros(idx.shape, device=idx.device)
         return x + self.surprisal_in(surprisal_bins(s, on).to(x.dtype))
