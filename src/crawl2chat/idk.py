@@ -27,7 +27,7 @@ from crawl2chat import world as world_mod
 from crawl2chat.chat_template import TOOLS_SYSTEM, render
 from crawl2chat.common import C2CError, dist_info, iter_jsonl, write_jsonl
 from crawl2chat.config import Config, IDKConfig, TrainConfig
-from crawl2chat.engine import fit_prompt, generate, generate_with_tools
+from crawl2chat.engine import fit_prompt, generate, generate_with_tools_batch, tool_parts_from_ids
 from crawl2chat.evals import chat_replies, contains_answer, normalize
 from crawl2chat.problems import final_answer, same_number
 from crawl2chat.shards import RowLoader
@@ -229,10 +229,10 @@ def stepwise_python_conversation(problem: dict, python_fn=None) -> list[dict] | 
 def tool_replies(model, tok, convs: list[list[dict]], tools_map: dict, max_new_tokens: int = 64) -> list[tuple[str, str]]:
     """Greedy replies with tool calls run mid-stream: (the reply's text parts joined, the whole reply
     with its calls and outputs shown as [search: ...] [output: ...])."""
+    prompts = [render(tok, c, add_generation_prompt=True)[0] for c in convs]
     out = []
-    for c in convs:
-        ids = render(tok, c, add_generation_prompt=True)[0]
-        _, parts = generate_with_tools(model, tok, ids, max_new_tokens, tools_map)
+    for ids, _ in generate_with_tools_batch(model, tok, prompts, max_new_tokens, tools_map):
+        parts = tool_parts_from_ids(tok, ids)
         out.append(("".join(p["text"] for p in parts if p["type"] == "text"),
                     " ".join(p["text"] if p["type"] == "text" else f"[{p['type']}: {p['text'].strip()}]" for p in parts)))
     return out
