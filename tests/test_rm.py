@@ -77,7 +77,8 @@ def test_reward_model_on_hh_rlhf_pairs(smoke_run, copy_run):
     summary = run_rm(run, None, rc, tc)
     print(f"HH-RLHF held-out pair accuracy: {summary['rm_acc']:.3f} ({summary['heldout_pairs']} pairs)")
     assert summary["source"] == "files" and summary["train_pairs"] == 160 and summary["heldout_pairs"] == 40
-    assert 0.0 <= summary["rm_acc"] <= 1.0 and summary["rm_acc_before"] == 0.5
+    # before training the score is the likelihood term alone (rm.likelihood_weight): no ties
+    assert 0.0 <= summary["rm_acc"] <= 1.0 and 0.0 <= summary["rm_acc_before"] <= 1.0
     assert (run / "rm" / "model.safetensors").exists() and (run / "rm" / "rm_config.json").exists()
     rows = [json.loads(l) for l in (run / "rm" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and "rm_acc" in rows[2] and all(math.isfinite(r["loss"]) for r in rows)
@@ -109,3 +110,39 @@ def test_reward_model_reads_its_surprisal_at_every_token(tmp_path):
     save_model(rm, tmp_path / "rm")
     loaded = load_reward_model(tmp_path / "rm")
     torch.testing.assert_close(score_seqs(loaded, [[1, 7, 8, 9, 10]], 0), score_seqs(rm, [[1, 7, 8, 9, 10]], 0))
+
+
+def test_likelihood_term_is_the_replys_mean_logp_under_the_frozen_chat_model(tmp_path):
+    """rm.likelihood_weight: with a zero head the score is weight × the mean log-probability the chat model
+    gives the tokens after the last reply-start token (id 2 here); padding and later tokens change nothing;
+    training leaves the reference as it was, and the RM saves and loads with it."""
+    from crawl2chat.rm import from_chat_model
+    from crawl2chat.train import save_model
+    torch.manual_seed(0)
+    chat = GPT(CFG)
+    with torch.no_grad():
+        for p in chat.parameters():
+            p.normal_(0.0, 0.3)
+    save_model(chat, tmp_path / "chat")
+    rm = from_chat_model(tmp_path / "chat", (3, 4), likelihood_weight=2.0, reply_start=2)
+    seq = [1, 3, 9, 4, 2, 7, 8, 9, 10]  # reply: 7 8 9 10
+    with torch.no_grad():
+        logp = chat(torch.tensor([seq]))[0].log_softmax(-1)
+    expected = 2.0 * sum(float(logp[t - 1, seq[t]]) for t in range(5, 9)) / 4
+    torch.testing.assert_close(score_seqs(rm, [seq], 0), torch.tensor([expected]))
+    other = [1, 3, 11, 12, 13, 4, 2, 7]  # a longer row in the batch pads this one
+    torch.testing.assert_close(score_seqs(rm, [seq, other], 0)[:1], torch.tensor([expected]))
+    ref = {k: v.clone() for k, v in rm.reference.state_dict().items()}
+
+    def loss_fn(m, batch, device):
+        from crawl2chat.rm import _batch
+        x, last = _batch([seq, other], 0, device)
+        r = m.score(x, last)
+        return bt_loss(r[:1], r[1:])[0], {"tokens": 2}
+    tc = TrainConfig(steps=3, batch_size=2, lr=1e-2, warmup_steps=1, eval_every=100, ckpt_every=100, dtype="fp32")
+    train(rm, tc, tmp_path / "rm", lambda *_: None, tokens_per_micro=0, loss_fn=loss_fn)
+    assert all(torch.equal(v, rm.reference.state_dict()[k]) for k, v in ref.items())
+    assert not torch.equal(rm.value_head.weight, torch.zeros_like(rm.value_head.weight))
+    loaded = load_reward_model(tmp_path / "rm")
+    assert loaded.reference is not None and loaded.cfg.likelihood_weight == 2.0
+    torch.testing.assert_close(score_seqs(loaded, [seq, other], 0), score_seqs(rm, [seq, other], 0))

@@ -113,7 +113,7 @@ SURPRISAL_IN_LR_MULT = 100.0
 
 def build_optimizers(model: GPT, cfg: TrainConfig, device: torch.device,
                      surprisal_lr_mult: float = 1.0) -> list[torch.optim.Optimizer]:
-    named = list(model.named_parameters())
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # not a frozen reference
     matrices = [p for n, p in named if p.ndim == 2 and n.startswith("blocks.")]
     boosted = [p for n, p in named if n.startswith("surprisal_in.")]
     others = [p for n, p in named if not (p.ndim == 2 and n.startswith("blocks.")) and not n.startswith("surprisal_in.")]
