@@ -10,8 +10,9 @@ import torch
 from crawl2chat.common import shared_data
 from crawl2chat.config import TrainConfig
 from crawl2chat.model import GPT, GPTConfig
-from crawl2chat.rm import RewardModel, RMConfig, bt_loss, load_reward_model, pair_accuracy, run_rm, score_seqs
-from crawl2chat.train import train
+from crawl2chat.rm import (RewardModel, RMConfig, bt_loss, from_chat_model, load_reward_model, pair_accuracy, run_rm,
+                           score_seqs)
+from crawl2chat.train import save_model, train
 
 CFG = GPTConfig(vocab_size=32, depth=1, n_embd=32, n_head=2, head_dim=16, mlp_hidden=64, seq_len=16)
 
@@ -86,17 +87,21 @@ def test_reward_model_on_hh_rlhf_pairs(smoke_run, copy_run):
     assert len(held) == 40 and all(h["chosen"] != h["rejected"] for h in held)
 
 
-def test_reward_model_reads_its_surprisal_at_every_token(tmp_path):
-    """rm.surprisal_input: the RM starts as the chat model with a zero surprisal input read at every
-    token after the first, and saves and loads with it."""
-    from crawl2chat.rm import from_chat_model
-    from crawl2chat.train import save_model
+def _saved_chat(path):
+    """A random chat model (weights large enough to give uneven predictions), saved at path."""
     torch.manual_seed(0)
     chat = GPT(CFG)
     with torch.no_grad():
         for p in chat.parameters():
             p.normal_(0.0, 0.3)
-    save_model(chat, tmp_path / "chat")
+    save_model(chat, path)
+    return chat
+
+
+def test_reward_model_reads_its_surprisal_at_every_token(tmp_path):
+    """rm.surprisal_input: the RM starts as the chat model with a zero surprisal input read at every
+    token after the first, and saves and loads with it."""
+    _saved_chat(tmp_path / "chat")
     rm = from_chat_model(tmp_path / "chat", (3, 4))
     assert rm.cfg.surprisal_all and rm.surprisal_in is not None
     x = torch.tensor([[1, 7, 8, 9, 10]])
@@ -116,14 +121,7 @@ def test_likelihood_term_is_the_replys_mean_logp_under_the_frozen_chat_model(tmp
     """rm.likelihood_weight: with a zero head the score is weight × the mean log-probability the chat model
     gives the tokens after the last reply-start token (id 2 here); padding and later tokens change nothing;
     training leaves the reference as it was, and the RM saves and loads with it."""
-    from crawl2chat.rm import from_chat_model
-    from crawl2chat.train import save_model
-    torch.manual_seed(0)
-    chat = GPT(CFG)
-    with torch.no_grad():
-        for p in chat.parameters():
-            p.normal_(0.0, 0.3)
-    save_model(chat, tmp_path / "chat")
+    chat = _saved_chat(tmp_path / "chat")
     rm = from_chat_model(tmp_path / "chat", (3, 4), likelihood_weight=2.0, reply_start=2)
     seq = [1, 3, 9, 4, 2, 7, 8, 9, 10]  # reply: 7 8 9 10
     with torch.no_grad():
