@@ -85,6 +85,7 @@ def test_rm_and_rlhf_end_to_end_on_the_smoke_run(smoke_run, copy_run):
                 "stopped_step", "gold_peak_step", "stop_reason", "curve"):
         assert key in out, key
     assert out["rm_acc"] == rm["rm_acc"]
+    assert out["final_prompts"] >= 10 > out["eval_prompts"] == 6  # gold_before/after: every held-out prompt
     assert 0.0 <= out["gold_before"] <= 1.0 and 0.0 <= out["gold_after"] <= 1.0
     lo, hi = out["gold_diff_ci95"]
     assert lo <= out["gold_diff"] <= hi

@@ -184,6 +184,9 @@ class RLHFConfig:
     eval_prompts: int = 24        # held-out prompts the guard watches
     eval_samples: int = 2         # replies per held-out prompt and evaluation
     final_samples: int = 4        # replies per held-out prompt for gold_before/gold_after
+    # held-out prompts for gold_before/gold_after (0 = all, about rm.n_heldout): more than the guard's
+    # eval_prompts, so the interval is narrower and most prompts played no part in picking the weights
+    final_prompts: int = 0
     patience: int = 2             # M: evaluations in a row of proxy up / gold down before stopping
     margin: float = 0.01          # gold must be this far below its peak to count as falling
     # ... and this many standard errors of the per-prompt paired difference: at 1.0 the guard stopped

@@ -221,8 +221,9 @@ def run_rlhf(run_dir: Path, cfg: Config, rlhf_cfg: RLHFConfig, train_cfg: TrainC
     _prepend_row(out / "metrics.jsonl", {k: v for k, v in curve[0].items() if k != "gold_prompts"})
 
     seed = rc.seed + 99991  # fresh samples, so the gold peak's selection does not inflate gold_after
-    before = evaluate(ref, ref, rm, tok, eval_set, rc.final_samples, rc.max_new_tokens, seed)
-    after = evaluate(policy.float().eval(), ref, rm, tok, eval_set, rc.final_samples, rc.max_new_tokens, seed)
+    final_set = held[:rc.final_prompts or None]
+    before = evaluate(ref, ref, rm, tok, final_set, rc.final_samples, rc.max_new_tokens, seed)
+    after = evaluate(policy.float().eval(), ref, rm, tok, final_set, rc.final_samples, rc.max_new_tokens, seed)
     diff, lo, hi = paired_bootstrap(per_prompt(before["rows"]), per_prompt(after["rows"]), seed=rc.seed)
     adv = adversarial(evals, rc.n_adversarial)
     write_jsonl(out / "adversarial.jsonl", adv)
@@ -238,6 +239,7 @@ def run_rlhf(run_dir: Path, cfg: Config, rlhf_cfg: RLHFConfig, train_cfg: TrainC
         "guard_would_stop": next((c["step"] for i, c in enumerate(curve) if i and guard_decision(curve[:i + 1], rc)), None),
         "saved_step": state["best_step"] if rc.guard else
         (state["stopped_step"] if state["stop"] else tc.steps), "adversarial": len(adv), "eval_prompts": len(eval_set),
+        "final_prompts": len(final_set),
         "curve": [{k: v for k, v in c.items() if k != "gold_prompts"} for c in curve]})
     return summary
 
