@@ -158,13 +158,14 @@ class RMConfig:
     temperature: float = 1.0
     surprisal_input: bool = True  # the RM reads its own surprisal at every token (a made-up fact is unlikely)
     # score += this × the reply's mean log-probability under the frozen chat model (RewardModel.reply_logp);
-    # 0 = the head alone. Held-out accuracy 0.67 → 0.78 (three seeds each, this run's pairs)
-    likelihood_weight: float = 1.0
+    # 0 = the head alone. At 1.0 held-out accuracy rose 0.67 → 0.78 (three seeds each), but RLHF gained no
+    # more gold and the term anchors the policy to the start, like a KL penalty (README, section 8)
+    likelihood_weight: float = 0.0
     seed: int = 0
 
 
 def _rm_train() -> "TrainConfig":
-    return TrainConfig(steps=100, batch_size=16, lr=1e-4, warmup_steps=5, decay_frac=0.3, eval_every=20,
+    return TrainConfig(steps=100, batch_size=16, lr=3e-4, warmup_steps=5, decay_frac=0.3, eval_every=20,
                        ckpt_every=20, grad_clip=1.0)
 
 

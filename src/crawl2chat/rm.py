@@ -8,8 +8,8 @@ without noise and give rm_acc.
 
 A few hundred noisy pairs teach the head little about which facts are right: trained alone it ranked
 held-out pairs worse (0.67 over three seeds) than the chat model's own likelihood of the replies did
-untrained (0.77). So the score also adds the reply's mean log-probability under the frozen chat model
-the RM starts from (rm.likelihood_weight), and the head learns what that misses."""
+untrained (0.77). With rm.likelihood_weight the score also adds the reply's mean log-probability under
+the frozen chat model the RM starts from, and the head learns what that misses."""
 from __future__ import annotations
 
 import random
