@@ -2,9 +2,11 @@
 question files, and one end-to-end run of the stage on the smoke preset."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
+import shutil
 
 import pytest
 import torch
@@ -217,7 +219,8 @@ def test_run_idk_end_to_end(smoke_run, copy_run, tmp_path):
     cfg = get_preset("smoke")
     cfg.chat_data.probe_holdout = 2
     icfg = idk.IDKConfig(questions=[str(questions)], probe_people=3, k=2, m=1, max_new_tokens=12, known_search=3, invented_people=30,
-                         n_bignum=3, n_word_python=4, eval_people=2, eval_search=3, eval_bignum=2)
+                         n_bignum=3, n_word_python=4, eval_people=2, eval_search=3, eval_bignum=2,
+                         pretrain_share=0.5)
     tc = TrainConfig(steps=3, batch_size=4, lr=1e-4, warmup_steps=1, eval_every=3, eval_batches=1,
                      ckpt_every=3, dtype="fp32")
     out = idk.run_idk(run, cfg, icfg, tc)
@@ -240,10 +243,21 @@ def test_run_idk_end_to_end(smoke_run, copy_run, tmp_path):
     assert out["halluc_n"] == 5 * out["unknown_heldout_people"] > 0
     assert out["python_convs"] == 3 and out["word_python_convs"] == 4 and out["search_convs"] > 0 and out["replay_convs"] > 0
     assert out["steps"] == 3 and out["examples_after"] and out["tool_examples"]
+    assert out["pretrain_rows"] == out["pack_rows"] > 0  # half the rows are pretraining text
     # the idk model reads its own surprisal at user tokens; the weights it learned for that are not zero
     model = load_model(run / "idk")
     assert model.cfg.surprisal_open == Tokenizer.load(run / "tokenizer").special_id("<|user_start|>")
     assert float(model.surprisal_in.weight.detach().abs().sum()) > 0
+
+
+def test_run_idk_without_pretraining_shards_says_what_to_do(smoke_run, copy_run):
+    run = copy_run(smoke_run)
+    shutil.rmtree(run / "tokens")
+    cfg = get_preset("smoke")
+    tc = TrainConfig(steps=1, batch_size=4, lr=1e-4, warmup_steps=1, eval_every=1, eval_batches=1, ckpt_every=1,
+                     dtype="fp32")
+    with pytest.raises(C2CError, match="pretrain_share=0"):
+        idk.run_idk(run, cfg, dataclasses.replace(cfg.idk, pretrain_share=0.2), tc)
 
 
 def test_name_surprisal_reads_the_models_surprise_at_the_name(smoke_run):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from crawl2chat.common import C2CError
-from crawl2chat.shards import (HEADER_INTS, BatchLoader, TokenStream, read_shard, shard_paths, tokenize_corpus,
+from crawl2chat.shards import (HEADER_INTS, BatchLoader, TokenStream, corpus_rows, read_shard, shard_paths, tokenize_corpus,
                                val_batches, write_shard)
 from crawl2chat.tokenizer import Tokenizer
 
@@ -184,6 +184,20 @@ def test_stream_across_shards(tmp_path):
     va, vb = val_batches(one, 64, 8, 4), val_batches(many, 64, 8, 4)
     assert len(va) == 3 and all(torch.equal(p, q) for (x1, y1), (x2, y2) in zip(va, vb) for p, q in
                                 ((x1, x2), (y1, y2)))
+
+
+def test_corpus_rows_are_windows_with_a_target_everywhere(tmp_path):
+    stream = stream_of(tmp_path, np.arange(3000), cuts=(1000,))  # token i at position i
+    x, y = corpus_rows(stream, 50, seq_len=16, seed=4)
+    assert x.shape == y.shape == (50, 16)
+    assert np.array_equal(y, x + 1)  # every position has its next token as the target, none masked
+    assert np.array_equal(x, x[:, :1] + np.arange(16))  # each row one contiguous window
+    assert x.min() >= 0 and y.max() <= 2999 and len(set(x[:, 0])) > 40
+    assert np.array_equal(corpus_rows(stream, 50, 16, seed=4)[0], x)
+    assert not np.array_equal(corpus_rows(stream, 50, 16, seed=5)[0], x)
+    assert corpus_rows(stream, 0, 16, seed=4)[0].shape == (0, 16)
+    with pytest.raises(C2CError, match="too few"):
+        corpus_rows(stream, 1, seq_len=3000, seed=0)
 
 
 def test_too_few_tokens(tmp_path):

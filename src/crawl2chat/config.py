@@ -117,7 +117,7 @@ class IDKConfig:
     temperature: float = 1.0
     max_new_tokens: int = 24      # per probe sample (a fact sentence is about 15 tokens)
     unknown_train: float = 0.5    # share of unknown people trained on (the rest are held out)
-    invented_people: int = 3000   # extra "I don't know" questions about names no person has
+    invented_people: int = 4500   # extra "I don't know" questions about names no person has
     invented_search: int = 300    # tools-on questions about further invented names: search, find nobody
     invented_found: int = 6000    # tools-on questions about further invented names, a result made up for each: copy it
     invented_from: str = "probe"  # whose name parts invented names recombine: probe, known_a or all (idk.build_mix)
@@ -127,6 +127,7 @@ class IDKConfig:
     n_word_python: int = 200      # word problems (problems_train) worked with a Python call per step
     replay: float = 0.2           # share of SFT conversations in the training mix
     honesty_weight: int = 3       # times each tools-off conversation (answer or abstain) is in the mix
+    pretrain_share: float = 0.2   # share of training rows that are pretraining text (loss on every token): keeps what it stored
     surprisal_input: bool = True  # the model reads its own surprisal at each user token (GPT.input_surprisal)
     frozen_surprisal: bool = True  # in training, read from the SFT model as it was (GPT.set_surprisal_source)
     eval_unknown: int = 100       # held-out unknown-people questions for halluc_rate; 0 = all
@@ -138,7 +139,7 @@ class IDKConfig:
 
 
 def _idk_train() -> "TrainConfig":
-    return TrainConfig(steps=500, batch_size=16, lr=5e-4, warmup_steps=5, decay_frac=0.5,
+    return TrainConfig(steps=800, batch_size=16, lr=5e-4, warmup_steps=5, decay_frac=0.5,
                        eval_every=50, eval_batches=4, ckpt_every=50)
 
 

@@ -8,7 +8,8 @@ and to use web search and Python → the idk model.
 3. Tools on (system message TOOLS_SYSTEM): every fact question searches the run's index (a search part,
    the real result as output, then the answer read off it, or an abstention when the result does not
    mention the person); large-number problems call Python on the expression.
-4. Mixed with a replay of the SFT conversations and fine-tuned from <run>/sft into <run>/idk.
+4. Mixed with a replay of the SFT conversations and windows of pretraining text (idk.pretrain_share:
+   the fine-tune keeps the facts only pretraining taught), fine-tuned from <run>/sft into <run>/idk.
 
 Held out for the evals: the other unknown and search-only people, known_b people and bignum_test.
 """
@@ -19,6 +20,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from crawl2chat import conversations as conv
@@ -30,7 +32,7 @@ from crawl2chat.config import Config, IDKConfig, TrainConfig
 from crawl2chat.engine import fit_prompt, generate, generate_with_tools_batch, tool_parts_from_ids
 from crawl2chat.evals import chat_replies, contains_answer, normalize
 from crawl2chat.problems import final_answer, same_number
-from crawl2chat.shards import RowLoader
+from crawl2chat.shards import RowLoader, TokenStream, corpus_rows, shard_paths
 from crawl2chat.tokenizer import Tokenizer
 from crawl2chat.train import (SURPRISAL_IN_LR_MULT, evaluate_loss, load_model, pick_device, resolve_dtype, train,
                               with_batch_tokens)
@@ -434,6 +436,14 @@ def run_idk(run_dir: Path, cfg: Config, idk_cfg: IDKConfig, train_cfg: TrainConf
     n_val = max(1, int(len(mix) * idk_cfg.val_fraction))
     T, pad = model.cfg.seq_len, tok.special_id("<|pad|>")
     x, y, stats = pack([render(tok, c) for c in mix[n_val:]], T, pad)
+    n_pretrain = round(len(x) * idk_cfg.pretrain_share / max(1e-9, 1 - idk_cfg.pretrain_share))
+    if n_pretrain:  # pretraining text, loss on every token: the fine-tune keeps what pretraining stored
+        if not list((run_dir / "tokens").glob("train_*.bin")):
+            raise C2CError(f"{run_dir / 'tokens'}: no pretraining shards for idk.pretrain_share — run `c2c tokenize`, "
+                           "or --set idk.pretrain_share=0")
+        px, py = corpus_rows(TokenStream(shard_paths(run_dir / "tokens", "train"), tok.vocab_size), n_pretrain, T,
+                             idk_cfg.seed)
+        x, y = np.concatenate([x, px.astype(x.dtype)]), np.concatenate([y, py.astype(y.dtype)])
     vx, vy, _ = pack([render(tok, c) for c in mix[:n_val]], T, pad)
     tc = with_batch_tokens(train_cfg, train_cfg.batch_size * T)
     val = [(torch.from_numpy(vx[i:i + tc.batch_size]).long(), torch.from_numpy(vy[i:i + tc.batch_size]).long())
@@ -449,7 +459,7 @@ def run_idk(run_dir: Path, cfg: Config, idk_cfg: IDKConfig, train_cfg: TrainConf
     summary.update({f"pack_{k}": v for k, v in stats.items()}, **counts)
     summary["epochs"] = loader.epoch_of(tc.steps, tc.grad_accum, summary["world_size"])
     known_share = sum(r["known"] for r in probed) / max(1, len(probed))
-    summary.update({"probe_n": len(probed), "probe_known_share": known_share,
+    summary.update({"probe_n": len(probed), "probe_known_share": known_share, "pretrain_rows": n_pretrain,
                     "unknown_train_people": len(unknown_train), "unknown_heldout_people": len(unknown_held),
                     "search_train_people": len(search_train), "search_heldout_people": len(search_held)})
     if dist_info()[0] != 0:

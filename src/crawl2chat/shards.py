@@ -76,6 +76,17 @@ class TokenStream:
         return np.concatenate(out)
 
 
+def corpus_rows(stream: TokenStream, n: int, seq_len: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """n windows of seq_len + 1 tokens from random places in the stream as (x, y) rows [n, seq_len], a
+    target at every position: pretraining text to mix into a fine-tune, so that it keeps what pretraining
+    stored."""
+    if stream.n < seq_len + 1:
+        raise C2CError(f"too few tokens ({stream.n}) for a row of {seq_len + 1}")
+    starts = np.random.default_rng(seed).integers(0, stream.n - seq_len, n)
+    rows = np.stack([stream.read(int(a), int(a) + seq_len + 1) for a in starts]) if n else np.zeros((0, seq_len + 1))
+    return rows[:, :-1].astype(np.int64), rows[:, 1:].astype(np.int64)
+
+
 def first_sample(step: int, micro: int, grad_accum: int, rank: int, world: int, batch_size: int) -> int:
     """Index of the first sample of a micro-batch in the stream of samples. Micro-batches of one process
     and ranks of a DDP group cut the same global batch the same way, so their losses match."""
