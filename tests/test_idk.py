@@ -141,6 +141,32 @@ def test_invented_people_are_nobody_and_get_abstentions():
     assert all(idk.is_abstention(c[-1]["content"]) for c in convs)
 
 
+def test_invented_name_sets_are_disjoint_and_drawn_from_their_parts():
+    """Tools-off names recombine the probed people's names, the searches that find nobody and the
+    made-up results half A's; no name is in two sets, and a set gets what is left when names run out."""
+    from crawl2chat.config import IDKConfig, WorldConfig
+    from crawl2chat.world import build_world
+    world = build_world(WorldConfig(n_known=40, n_search_only=6, n_unknown=6, n_towns=8, n_companies=8,
+                                    n_math_pages=2, n_problems_train=4, n_problems_test=2, n_bignum_train=2,
+                                    n_bignum_test=2))
+    half_a = world["splits"]["known_a"]
+    probed = half_a[:6]
+    parts = lambda names: ({n.split()[0] for n in names}, {n.split()[-1] for n in names})  # noqa: E731
+    everyone = {p["name"] for p in world["people"]}
+    free_a = len([1 for f in parts(half_a)[0] for s in parts(half_a)[1] if f"{f} {s}" not in everyone])
+    for n_found, expected in ((free_a - 40, free_a - 40), (free_a, free_a - 20)):
+        cfg = IDKConfig(invented_people=10, invented_search=10, invented_found=n_found)
+        off, nobody, found = idk.invented_name_sets(world, cfg, probed)
+        names = [[q["name"] for q in qs] for qs in (off, nobody, found)]
+        assert [len(n) for n in names] == [10, 10, expected]
+        every = [n for ns in names for n in ns]
+        assert len(set(every)) == len(every) and not everyone & set(every)
+        firsts, lasts = parts(probed)
+        assert all(n.split()[0] in firsts and n.split()[-1] in lasts for n in names[0])
+        firsts, lasts = parts(half_a)
+        assert all(n.split()[0] in firsts and n.split()[-1] in lasts for n in names[1] + names[2])
+
+
 def test_invented_found_conversations_copy_a_made_up_result():
     from crawl2chat.config import WorldConfig
     from crawl2chat.world import build_world

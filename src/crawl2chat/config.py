@@ -114,12 +114,12 @@ class IDKConfig:
     probe_people: int = 100       # known_a people probed (× 5 attributes), chat_data.probe_holdout's first; 0 = none
     k: int = 4                    # sampled answers per probed question
     m: int = 2                    # known when at least m of the k are right
-    temperature: float = 1.0
+    temperature: float = 0.3      # probe sampling, near the greedy decoding of the evals (idk.probe)
     max_new_tokens: int = 24      # per probe sample (a fact sentence is about 15 tokens)
     unknown_train: float = 0.5    # share of unknown people trained on (the rest are held out)
-    invented_people: int = 4500   # extra "I don't know" questions about names no person has
+    invented_people: int = 4400   # extra "I don't know" questions about names no person has
     invented_search: int = 300    # tools-on questions about further invented names: search, find nobody
-    invented_found: int = 6000    # tools-on questions about further invented names, a result made up for each: copy it
+    invented_found: int = 3600    # tools-on questions about further invented names, a result made up for each: copy it (README, section 6)
     invented_from: str = "probe"  # whose name parts invented names recombine: probe, known_a or all (idk.build_mix)
     search_train: float = 0.5     # share of search-only people trained on (the rest are held out)
     known_search: int = 100       # tools-on fact questions about known_a people (they search too)

@@ -1,7 +1,7 @@
 """Honesty and tools: probe what the chat model knows, teach it to say "I don't know" where it does not,
 and to use web search and Python → the idk model.
 
-1. Probe (R-Tuning, "alignment for honesty"): k sampled answers (temperature 1) to each question about
+1. Probe (R-Tuning, "alignment for honesty"): k sampled answers (idk.temperature) to each question about
    known_a people (and a user's {question, answer} files); a question is known when ≥ m of them hold
    the answer. Questions about a train subset of the unknown people (no answer exists) are unknown.
 2. Tools off (no system message): known → the fact, unknown → a polite abstention.
@@ -92,9 +92,12 @@ def user(text: str, system: str | None = None) -> list[dict]:
 
 # ---- the probe ------------------------------------------------------------------------------------
 
-def probe(model, tok, questions: list[dict], k: int, m: int, temperature: float = 1.0,
+def probe(model, tok, questions: list[dict], k: int, m: int, temperature: float = 0.3,
           max_new_tokens: int = 32, seed: int = 0) -> list[dict]:
-    """Sample k replies per question (tools off); each row gains k, n_right and known."""
+    """Sample k replies per question (tools off); each row gains k, n_right and known. Near-greedy
+    sampling: the model answers greedily in use and in the evals, and at temperature 1, 21 of the 36
+    questions found unknown (at most 1 of 4 right) were answered right greedily; abstaining on them
+    taught the model to refuse people it knows (measured: half-B accuracy 0.77 → 0.81)."""
     end = tok.special_id("<|assistant_end|>")
     max_new_tokens = min(max_new_tokens, model.cfg.seq_len // 2)
     prompts = [fit_prompt(render(tok, user(q["question"]), add_generation_prompt=True)[0],
@@ -334,6 +337,32 @@ def invented_people_questions(world: dict, n: int, seed: int, parts_of: list[str
     return out
 
 
+def invented_name_sets(world: dict, idk_cfg: IDKConfig, probe_names: list[str]) -> tuple[list, list, list]:
+    """Questions about invented names, three disjoint sets: tools-off abstentions, tools-on searches
+    that find nobody, and tools-on searches given a made-up result (invented_found_conversations)."""
+    # invented names are made of the parts of names the model is taught to answer about: were they made
+    # of every person's, a surname seen only in "I don't know" replies would itself come to mean
+    # "abstain", and a known person of half B bearing it would be refused (measured: 0.91 of half-B
+    # questions abstained where the surname is no half-A person's, 0.32 where it is). "probe": the
+    # tools-off ones recombine the probed people's names, the very names of the tools-off answers; the
+    # tools-on ones whose search finds nobody recombine half A's
+    if idk_cfg.invented_from not in ("known_a", "probe", "all"):
+        raise C2CError(f"idk.invented_from: {idk_cfg.invented_from!r} is not one of known_a, probe, all")
+    parts_of = None if idk_cfg.invented_from == "all" else world["splits"]["known_a"]
+    invented = invented_people_questions(world, idk_cfg.invented_people, idk_cfg.seed + 1, parts_of=probe_names
+                                         if idk_cfg.invented_from == "probe" and probe_names else parts_of)
+    taken = {q["name"] for q in invented}
+    nobody_found = [q for q in invented_people_questions(world, idk_cfg.invented_search + len(taken), idk_cfg.seed,
+                                                         parts_of=parts_of) if q["name"] not in taken][:idk_cfg.invented_search]
+    # the made-up results' names recombine half A's too, names no other set uses: of every person's
+    # parts, they put the surnames only half B bears in invented names, and the model refused half-B
+    # people bearing them (0.236 of their questions against 0.109)
+    taken |= {q["name"] for q in nobody_found}
+    found = [q for q in invented_people_questions(world, idk_cfg.invented_found + len(taken), idk_cfg.seed + 7,
+                                                  parts_of=parts_of) if q["name"] not in taken][:idk_cfg.invented_found]
+    return invented, nobody_found, found
+
+
 def build_mix(run_dir: Path, cfg: Config, idk_cfg: IDKConfig, world: dict, probed: list[dict],
               unknown_train: list[str], search_train: list[str], search_fn) -> tuple[list, dict]:
     """The new conversations (tools off and on) plus the SFT replay, shuffled; and their counts."""
@@ -342,33 +371,15 @@ def build_mix(run_dir: Path, cfg: Config, idk_cfg: IDKConfig, world: dict, probe
     honest = honesty_conversations(probed, people, seed=idk_cfg.seed)
     unknown_qs = conv.fact_questions(world, unknown_train, seed=idk_cfg.seed + 1)
     honest += honesty_conversations([dict(q, known=False) for q in unknown_qs], people, seed=idk_cfg.seed + 1)
-    # invented names are made of the parts of names the model is taught to answer about: were they made
-    # of every person's, a surname seen only in "I don't know" replies would itself come to mean
-    # "abstain", and a known person of half B bearing it would be refused (measured: 0.91 of half-B
-    # questions abstained where the surname is no half-A person's, 0.32 where it is). "probe": the
-    # tools-off ones recombine the probed people's names, the very names of the tools-off answers (too
-    # few pairs for all of them: the tools-on ones recombine half A's)
-    if idk_cfg.invented_from not in ("known_a", "probe", "all"):
-        raise C2CError(f"idk.invented_from: {idk_cfg.invented_from!r} is not one of known_a, probe, all")
-    parts_of = None if idk_cfg.invented_from == "all" else world["splits"]["known_a"]
-    invented = invented_people_questions(
-        world, idk_cfg.invented_people + idk_cfg.invented_search + idk_cfg.invented_found, idk_cfg.seed,
-        parts_of=parts_of)
-    if idk_cfg.invented_from == "probe":
-        probe_names = sorted({q["name"] for q in probed if q.get("source") == "known_a"})
-        rest = {q["name"] for q in invented[idk_cfg.invented_people:]}
-        own = [q for q in invented_people_questions(world, idk_cfg.invented_people * 2, idk_cfg.seed + 1,
-                                                    parts_of=probe_names) if q["name"] not in rest]
-        invented = own[:idk_cfg.invented_people] + invented[idk_cfg.invented_people:]
-    found = invented[idk_cfg.invented_people + idk_cfg.invented_search:]
-    invented = invented[:idk_cfg.invented_people + idk_cfg.invented_search]
-    honest += honesty_conversations(invented[:idk_cfg.invented_people], people, seed=idk_cfg.seed + 6)
+    probe_names = sorted({q["name"] for q in probed if q.get("source") == "known_a"})
+    invented, nobody_found, found = invented_name_sets(world, idk_cfg, probe_names)
+    honest += honesty_conversations(invented, people, seed=idk_cfg.seed + 6)
     searching = conv.fact_questions(world, search_train, seed=idk_cfg.seed + 2)
     known_a = conv.fact_questions(world, conv.chat_people(world, cfg.chat_data.probe_holdout), seed=idk_cfg.seed + 3)
     searching += rng.sample(known_a, min(idk_cfg.known_search, len(known_a)))
     searching += unknown_qs[::5]  # tools on, unknown people: the search finds nothing about them
     # tools on, invented people: many names never seen, copied into the query; the search finds nobody
-    searching += invented[idk_cfg.invented_people:]
+    searching += nobody_found
     nobody = lambda q: {"name": q["name"], q["attribute"]: "\0"}  # noqa: E731
     search_convs = [search_conversation(q, people.get(q["name"]) or nobody(q), search_fn, rng) for q in searching]
     search_convs += invented_found_conversations(world, found, idk_cfg.seed)
@@ -386,7 +397,10 @@ def build_mix(run_dir: Path, cfg: Config, idk_cfg: IDKConfig, world: dict, probe
     mix = new + rng.sample(sft_convs, n_replay)
     rng.shuffle(mix)
     return mix, {"honesty_convs": len(honest), "search_convs": len(search_convs),
-                 "python_convs": len(python_convs), "word_python_convs": len(word_convs), "replay_convs": n_replay}
+                 "python_convs": len(python_convs), "word_python_convs": len(word_convs), "replay_convs": n_replay,
+                 # names found for each kind (fewer than asked where the world has too few name parts)
+                 "invented_people_n": len(invented), "invented_search_n": len(nobody_found),
+                 "invented_found_n": len(found)}
 
 
 def run_idk(run_dir: Path, cfg: Config, idk_cfg: IDKConfig, train_cfg: TrainConfig, resume: bool = False) -> dict:
