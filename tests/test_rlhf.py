@@ -126,5 +126,9 @@ def test_no_guard_cli_trains_beside_the_guarded_run(smoke_run, copy_run):
     assert m["guard"] is False and m["beta"] == 0.0 and m["stop_reason"] == "completed"
     assert "guard_would_stop" in m and (run / "rlhf_noguard" / "model.safetensors").exists()
     text = (run / "report.md").read_text()
-    assert "## reward hacking without the guard" in text and "| gold_before |" in text.split("without the guard")[1]
+    section = text.split("## RLHF without the guard and the KL penalty")[1]
+    assert "| gold_before |" in section
+    hacked = m["proxy_after"] > m["proxy_before"] and m["gold_after"] < m["gold_before"]
+    assert ("Reward hacking: the proxy rose while gold fell." in section) == hacked
+    assert ("No reward hacking in these steps" in section) == (not hacked)
     assert (run / "rlhf_noguard_curves.png").read_bytes()[:4] == b"\x89PNG"

@@ -136,13 +136,17 @@ def write_report(run_dir: Path) -> Path:
     hack = run_dir / "rlhf_noguard" / "metrics.jsonl"
     if hack.exists() and plot_curves(_rows(hack), CURVES["rlhf"][1], "rlhf without the guard and KL",
                                      run_dir / "rlhf_noguard_curves.png"):
-        lines += ["## reward hacking without the guard", "", "`c2c rlhf --no-guard` (rlhf_noguard/).", "",
+        lines += ["## RLHF without the guard and the KL penalty", "", "`c2c rlhf --no-guard` (rlhf_noguard/).", "",
                   "![no guard](rlhf_noguard_curves.png)", ""]
         summary = run_dir / "rlhf_noguard" / "metrics.json"
         if summary.exists():
-            keys = ("beta", "steps", "proxy_before", "proxy_after", "gold_before", "gold_after", "gold_peak_step",
-                    "guard_would_stop", "kl_after")
+            keys = ("beta", "steps", "proxy_before", "proxy_after", "gold_before", "gold_after", "gold_diff_ci95",
+                    "gold_peak_step", "guard_would_stop", "kl_after")
             m = read_json(summary)
+            if {"proxy_before", "proxy_after", "gold_before", "gold_after"} <= m.keys():
+                hacked = m["proxy_after"] > m["proxy_before"] and m["gold_after"] < m["gold_before"]
+                lines += ["Reward hacking: the proxy rose while gold fell." if hacked else
+                          "No reward hacking in these steps: gold did not fall below its start.", ""]
             lines += _table({k: m[k] for k in keys if k in m}) + [""]
     out = run_dir / "report.md"
     atomic_write_text(out, "\n".join(lines))
