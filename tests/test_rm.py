@@ -67,6 +67,33 @@ def test_training_learns_a_synthetic_preference(tmp_path):
     assert torch.allclose(score_seqs(loaded, [held[0]["chosen_ids"]], 0), score_seqs(rm, [held[0]["chosen_ids"]], 0))
 
 
+def test_world_pairs_two_by_two_or_every_pair_labelled_by_the_rubric(monkeypatch):
+    """Four replies of distinct rubric scores: two by two → pairs (0, 1) and (2, 3); every pair → all six,
+    the better reply chosen in each (no label noise); a tie within the margin is dropped."""
+    from crawl2chat import rm as rm_mod, rubric
+    meta = {"kind": "about", "name": "Ann Lee", "facts": {"birth_year": "1950", "home_town": "Kofil"}, "others": []}
+    replies = ["Ann Lee was born in 1950. I hope that helps!", "Ann Lee.",
+               "Ann Lee comes from Kofil and was born in 1950. I hope that helps!", "Ann Lee was born in 1977."]
+    monkeypatch.setattr(rm_mod, "sample_completions", lambda policy, tok, qs, k, *a: [
+        ([1], [2 + j], replies[j], True) for _ in qs for j in range(k)])
+    tok = type("Tok", (), {"special_id": lambda self, s: 0})()
+    prompts = [{"prompt": "Who is Ann Lee?", "meta": meta}]
+    scores = {r: rubric.score(meta, r) for r in replies}
+    assert len(set(scores.values())) == 4
+    rc = RMConfig(samples_per_prompt=4, margin=0.0)
+    two, stats = rm_mod.world_pairs(None, tok, prompts, rc, 0.0, 0)
+    every, _ = rm_mod.world_pairs(None, tok, prompts, rc, 0.0, 0, all_pairs=True)
+    assert [{p["chosen"], p["rejected"]} for p in two] == [{replies[0], replies[1]}, {replies[2], replies[3]}]
+    assert len(every) == 6 and len({frozenset((p["chosen"], p["rejected"])) for p in every}) == 6
+    assert all(scores[p["chosen"]] > scores[p["rejected"]] for p in two + every)
+    assert stats == {"ties_dropped": 0, "label_agreement": 1.0}
+    gap = min(abs(scores[a] - scores[b]) for i, a in enumerate(replies) for b in replies[i + 1:])
+    tied, stats = rm_mod.world_pairs(None, tok, prompts, RMConfig(margin=gap), 0.0, 0, all_pairs=True)
+    assert len(tied) == 6 - stats["ties_dropped"] and stats["ties_dropped"] >= 1
+    flipped, stats = rm_mod.world_pairs(None, tok, prompts, rc, 1.0, 0, all_pairs=True)
+    assert all(scores[p["chosen"]] < scores[p["rejected"]] for p in flipped) and stats["label_agreement"] == 0.0
+
+
 def test_reward_model_on_hh_rlhf_pairs(smoke_run, copy_run):
     """The real-data path: a smoke-size RM trained on 160 HH-RLHF pairs, accuracy on 40 held out (reported,
     no threshold: a 100k-parameter model on 64-token windows is near chance)."""

@@ -151,7 +151,10 @@ class RMConfig:
     max_pairs: int = 0            # cap on pairs read from files (0 = all)
     heldout_fraction: float = 0.1  # file pairs held out for rm_acc
     n_prompts: int = 500          # world: open-ended prompts whose sampled replies make labelled pairs
-    samples_per_prompt: int = 4   # world: replies sampled per prompt, paired two by two
+    samples_per_prompt: int = 4   # world: replies sampled per prompt
+    # world: label every pair of a prompt's replies (a labeller ranks them), not two by two: 3× the labels
+    # for +0.01 held-out accuracy (0.806 → 0.816 on 315 pairs), beyond the few hundred a person labels
+    all_pairs: bool = False
     n_heldout: int = 100          # world: held-out prompts (other entities) → rubric-labelled pairs
     noise: float = 0.1            # world: share of training labels flipped (human disagreement)
     margin: float = 0.05          # world: pairs whose rubric scores differ by less are ties, dropped
