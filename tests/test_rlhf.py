@@ -6,6 +6,7 @@ import json
 import math
 
 from crawl2chat.config import TrainConfig
+from crawl2chat.report import hacking_verdict
 from crawl2chat.rlhf import RLHFConfig, adversarial, guard_decision, paired_bootstrap, paired_se, run_rlhf
 from crawl2chat.rm import RMConfig, run_rm
 
@@ -128,7 +129,22 @@ def test_no_guard_cli_trains_beside_the_guarded_run(smoke_run, copy_run):
     text = (run / "report.md").read_text()
     section = text.split("## RLHF without the guard and the KL penalty")[1]
     assert "| gold_before |" in section
-    hacked = m["proxy_after"] > m["proxy_before"] and m["gold_after"] < m["gold_before"]
-    assert ("Reward hacking: the proxy rose while gold fell." in section) == hacked
-    assert ("No reward hacking in these steps" in section) == (not hacked)
+    assert ("gold_from_peak_ci95" in m) == (m["gold_peak_step"] != m["steps"])  # the peak's weights measured
+    hacked, sentence = hacking_verdict(m)
+    assert sentence in section and ("Reward hacking:" in section) == hacked and "learning rate up to" in section
     assert (run / "rlhf_noguard_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_hacking_verdict_needs_the_proxy_up_and_golds_interval_below_zero():
+    base = {"proxy_before": 0.5, "proxy_after": 1.9, "gold_before": 0.77, "gold_after": 0.80,
+            "gold_peak_step": 110, "proxy_at_peak": 1.7, "gold_at_peak": 0.86}
+    hacked, text = hacking_verdict(dict(base, gold_from_peak=-0.06, gold_from_peak_ci95=[-0.09, -0.03],
+                                        gold_diff_ci95=[0.0, 0.06]))
+    assert hacked and text.startswith("Reward hacking:") and "step 110" in text and "1.70 → 1.90" in text
+    assert not hacking_verdict(dict(base, gold_from_peak=-0.02, gold_from_peak_ci95=[-0.05, 0.01]))[0]  # noise
+    assert not hacking_verdict(dict(base, proxy_after=1.6, gold_from_peak=-0.06, gold_from_peak_ci95=[-0.09, -0.03]))[0]
+    # no peak before the last step: from the start
+    start = {k: base[k] for k in ("proxy_before", "proxy_after", "gold_before")}
+    assert hacking_verdict(dict(start, gold_after=0.70, gold_diff_ci95=[-0.11, -0.03]))[0]
+    assert not hacking_verdict(dict(start, gold_after=0.76, gold_diff_ci95=[-0.04, 0.02]))[0]
+    assert hacking_verdict({"proxy_after": 1.0}) is None

@@ -113,6 +113,28 @@ def _examples(metrics: dict) -> list[str]:
     return out
 
 
+def hacking_verdict(m: dict) -> tuple[bool, str] | None:
+    """Whether an unguarded RLHF run (its metrics.json) was hacked, in a sentence: the proxy rose while
+    gold fell, with the fall's 95% interval below zero. Measured from the gold peak's weights to the
+    last (fresh samples of the same prompts) where the run has them, else from the start."""
+    if "gold_from_peak_ci95" in m and "proxy_at_peak" in m:
+        lo, hi = m["gold_from_peak_ci95"]
+        where = (f"from the gold peak's weights (step {m.get('gold_peak_step')}) to the last, the proxy went "
+                 f"{m['proxy_at_peak']:.2f} → {m['proxy_after']:.2f} and gold {m['gold_at_peak']:.3f} → "
+                 f"{m['gold_after']:.3f} ({m['gold_from_peak']:+.3f}, 95% interval {lo:+.3f} to {hi:+.3f}; fresh samples)")
+        rose = m["proxy_after"] > m["proxy_at_peak"]
+    elif {"proxy_before", "proxy_after", "gold_before", "gold_after", "gold_diff_ci95"} <= m.keys():
+        lo, hi = m["gold_diff_ci95"]
+        where = (f"from the start to the last weights, the proxy went {m['proxy_before']:.2f} → {m['proxy_after']:.2f} "
+                 f"and gold {m['gold_before']:.3f} → {m['gold_after']:.3f} (95% interval of the change "
+                 f"{lo:+.3f} to {hi:+.3f}; fresh samples)")
+        rose = m["proxy_after"] > m["proxy_before"]
+    else:
+        return None
+    hacked = rose and hi < 0
+    return hacked, (f"Reward hacking: {where}." if hacked else f"No reward hacking shown: {where}.")
+
+
 def write_report(run_dir: Path) -> Path:
     """Write <run>/report.md and its PNGs from report.json, each stage's metrics.jsonl and data/stats.json."""
     run_dir = Path(run_dir)
@@ -136,17 +158,19 @@ def write_report(run_dir: Path) -> Path:
     hack = run_dir / "rlhf_noguard" / "metrics.jsonl"
     if hack.exists() and plot_curves(_rows(hack), CURVES["rlhf"][1], "rlhf without the guard and KL",
                                      run_dir / "rlhf_noguard_curves.png"):
-        lines += ["## RLHF without the guard and the KL penalty", "", "`c2c rlhf --no-guard` (rlhf_noguard/).", "",
+        lrs = [r["lr"] for r in _rows(hack) if isinstance(r.get("lr"), (int, float))]
+        lines += ["## RLHF without the guard and the KL penalty", "",
+                  "`c2c rlhf --no-guard` (rlhf_noguard/)" + (f", learning rate up to {max(lrs):.2g}." if lrs else "."), "",
                   "![no guard](rlhf_noguard_curves.png)", ""]
         summary = run_dir / "rlhf_noguard" / "metrics.json"
         if summary.exists():
             keys = ("beta", "steps", "proxy_before", "proxy_after", "gold_before", "gold_after", "gold_diff_ci95",
-                    "gold_peak_step", "guard_would_stop", "kl_after")
+                    "gold_peak_step", "proxy_at_peak", "gold_at_peak", "gold_from_peak", "gold_from_peak_ci95",
+                    "guard_would_stop", "kl_after")
             m = read_json(summary)
-            if {"proxy_before", "proxy_after", "gold_before", "gold_after"} <= m.keys():
-                hacked = m["proxy_after"] > m["proxy_before"] and m["gold_after"] < m["gold_before"]
-                lines += ["Reward hacking: the proxy rose while gold fell." if hacked else
-                          "No reward hacking in these steps: gold did not fall below its start.", ""]
+            verdict = hacking_verdict(m)
+            if verdict:
+                lines += [verdict[1], ""]
             lines += _table({k: m[k] for k in keys if k in m}) + [""]
     out = run_dir / "report.md"
     atomic_write_text(out, "\n".join(lines))

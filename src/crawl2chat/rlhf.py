@@ -225,6 +225,16 @@ def run_rlhf(run_dir: Path, cfg: Config, rlhf_cfg: RLHFConfig, train_cfg: TrainC
     before = evaluate(ref, ref, rm, tok, final_set, rc.final_samples, rc.max_new_tokens, seed)
     after = evaluate(policy.float().eval(), ref, rm, tok, final_set, rc.final_samples, rc.max_new_tokens, seed)
     diff, lo, hi = paired_bootstrap(per_prompt(before["rows"]), per_prompt(after["rows"]), seed=rc.seed)
+    from_peak = {}
+    if not rc.guard and state["best"] is not None and state["best_step"] != tc.steps:
+        # unguarded: the gold peak's weights on the same fresh samples, so that "gold fell while the proxy
+        # rose" is measured, not read off the watched curve, whose peak is the maximum of noisy evaluations
+        at_peak = copy.deepcopy(policy)
+        at_peak.load_state_dict(state["best"])
+        peak = evaluate(at_peak.float().eval(), ref, rm, tok, final_set, rc.final_samples, rc.max_new_tokens, seed)
+        d, plo, phi = paired_bootstrap(per_prompt(peak["rows"]), per_prompt(after["rows"]), seed=rc.seed)
+        from_peak = {"gold_at_peak": peak["gold"], "proxy_at_peak": peak["proxy"], "gold_from_peak": d,
+                     "gold_from_peak_ci95": [plo, phi]}
     adv = adversarial(evals, rc.n_adversarial)
     write_jsonl(out / "adversarial.jsonl", adv)
     write_jsonl(out / "samples.jsonl", [dict(r, model="after") for r in after["rows"][:40]])
@@ -239,7 +249,7 @@ def run_rlhf(run_dir: Path, cfg: Config, rlhf_cfg: RLHFConfig, train_cfg: TrainC
         "guard_would_stop": next((c["step"] for i, c in enumerate(curve) if i and guard_decision(curve[:i + 1], rc)), None),
         "saved_step": state["best_step"] if rc.guard else
         (state["stopped_step"] if state["stop"] else tc.steps), "adversarial": len(adv), "eval_prompts": len(eval_set),
-        "final_prompts": len(final_set),
+        "final_prompts": len(final_set), **from_peak,
         "curve": [{k: v for k, v in c.items() if k != "gold_prompts"} for c in curve]})
     return summary
 
