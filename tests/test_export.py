@@ -192,11 +192,13 @@ def test_bench_generate_hf_baseline(exported):
     assert r["ratio"] == r["batch1"]["ratio"] and r["same_output"] is True
 
 
-def test_surprisal_input_is_left_out_and_said(exported, tmp_path):
-    """A model that reads its own surprisal exports as the plain Qwen3 it is on text without user
-    messages; the export says what it left out."""
+@pytest.mark.parametrize("frozen", [False, True])
+def test_surprisal_input_is_left_out_and_said(exported, tmp_path, frozen):
+    """A model that reads its own surprisal (or a frozen copy's) exports as the plain Qwen3 it is on
+    text without user messages; the export says what it left out."""
     d, tok = exported["dir"], exported["tok"]
-    model = exported["model"].with_surprisal_input(tok.special_id("<|user_start|>"), tok.special_id("<|user_end|>"))
+    model = exported["model"].with_surprisal_input(tok.special_id("<|user_start|>"), tok.special_id("<|user_end|>"),
+                                                   frozen=frozen)
     torch.nn.init.normal_(model.surprisal_in.weight)
     save_model(model, tmp_path / "idk")
     summary = export_hf(tmp_path / "idk", d / "tokenizer", tmp_path / "hf")

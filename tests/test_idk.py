@@ -274,6 +274,12 @@ def test_run_idk_end_to_end(smoke_run, copy_run, tmp_path):
     model = load_model(run / "idk")
     assert model.cfg.surprisal_open == Tokenizer.load(run / "tokenizer").special_id("<|user_start|>")
     assert float(model.surprisal_in.weight.detach().abs().sum()) > 0
+    # it reads it from the SFT model as it was (a frozen copy, saved with it), while its own weights moved
+    sft = load_model(run / "sft").state_dict()
+    assert model.cfg.surprisal_frozen and model.num_params() == load_model(run / "sft").num_params() + model.surprisal_in.weight.numel()
+    for name, t in model.surprisal_model.state_dict().items():
+        torch.testing.assert_close(t, sft[name], atol=0, rtol=0)
+    assert any(not torch.equal(t, sft[name]) for name, t in model.state_dict().items() if name in sft)
 
 
 def test_run_idk_without_pretraining_shards_says_what_to_do(smoke_run, copy_run):

@@ -388,6 +388,47 @@ def test_surprisal_source_is_read_but_not_part_of_the_model():
         torch.testing.assert_close(model(x), own_logits)
 
 
+def test_frozen_surprisal_copy_is_read_saved_and_never_trained(tmp_path):
+    """with_surprisal_input(frozen=True) reads the surprisal from a copy of the model as it was: training
+    the model's own weights moves its predictions but not that input; the copy is saved and loaded with
+    the weights, left out of the optimizer and of num_params."""
+    from crawl2chat.config import TrainConfig
+    from crawl2chat.train import build_optimizers, load_model, save_model
+    plain = sharp_model(13)
+    model = plain.with_surprisal_input(OPEN, CLOSE, frozen=True)
+    own = plain.with_surprisal_input(OPEN, CLOSE)
+    torch.nn.init.normal_(model.surprisal_in.weight)
+    x = torch.tensor([[1, OPEN, 10, 11, 12, CLOSE, 20, 21]])
+    T = x.size(1)
+    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+    with torch.no_grad():
+        before = model.input_surprisal(x, None, cos, sin)
+        torch.testing.assert_close(before, own.input_surprisal(x, None, cos, sin))
+    opt, = build_optimizers(model, TrainConfig(steps=1, lr=1e-2, optimizer="adamw"), torch.device("cpu"))
+    assert not any(p is q for g in opt.param_groups for p in g["params"] for q in model.surprisal_model.parameters())
+    for _ in range(3):
+        opt.zero_grad()
+        model(x[:, :-1], targets=x[:, 1:]).backward()
+        opt.step()
+    with torch.no_grad():
+        torch.testing.assert_close(model.input_surprisal(x, None, cos, sin), before, atol=0, rtol=0)
+        for block in own.blocks:
+            block.mlp.up_proj.weight.mul_(2.0)
+        assert not torch.allclose(own.input_surprisal(x, None, cos, sin), before)
+        assert not torch.allclose(model.lm_head.weight, plain.lm_head.weight)
+    assert model.num_params() == own.num_params()
+    save_model(model.eval(), tmp_path / "m")
+    loaded = load_model(tmp_path / "m").eval()
+    assert loaded.cfg.surprisal_frozen and not any(p.requires_grad for p in loaded.surprisal_model.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)
+    # adding the input again (a reward model reading every token) keeps the copy it has
+    again = loaded.with_surprisal_input(OPEN, CLOSE, everywhere=True)
+    assert again.cfg.surprisal_frozen
+    for name, t in again.surprisal_model.state_dict().items():
+        torch.testing.assert_close(t, plain.state_dict()[name], atol=0, rtol=0)
+
+
 def test_surprisal_pass_stops_at_the_last_user_token():
     """The surprisal pass is causal, so running it only up to the last user token changes nothing."""
     model = surprisal_model(12)

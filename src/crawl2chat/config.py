@@ -111,9 +111,13 @@ class ChatDataConfig:
 @dataclass
 class IDKConfig:
     questions: list = field(default_factory=list)  # extra {question, answer, source?} JSONL files to probe
-    probe_people: int = 100       # known_a people probed (× 5 attributes), chat_data.probe_holdout's first; 0 = none
+    # known_a people probed (× 5 attributes), chat_data.probe_holdout's first; 0 = none. All 240: the
+    # invented names recombine their name parts, so more surnames are seen both answered and refused
+    # (half B's questions whose surname no probed person bears were refused 0.30 of the time, the rest
+    # 0.08; hallucination on every held-out question 0.152 at 100 people, 0.112 at 240, 0.092 with m=1)
+    probe_people: int = 240
     k: int = 4                    # sampled answers per probed question
-    m: int = 2                    # known when at least m of the k are right
+    m: int = 1                    # known when at least m of the k are right
     temperature: float = 0.3      # probe sampling, near the greedy decoding of the evals (idk.probe)
     max_new_tokens: int = 24      # per probe sample (a fact sentence is about 15 tokens)
     unknown_train: float = 0.5    # share of unknown people trained on (the rest are held out)
@@ -129,7 +133,10 @@ class IDKConfig:
     honesty_weight: int = 3       # times each tools-off conversation (answer or abstain) is in the mix
     pretrain_share: float = 0.2   # share of training rows that are pretraining text (loss on every token): keeps what it stored
     surprisal_input: bool = True  # the model reads its own surprisal at each user token (GPT.input_surprisal)
-    frozen_surprisal: bool = True  # in training, read from the SFT model as it was (GPT.set_surprisal_source)
+    # read it from the SFT model as it was, in training and in use: a frozen copy saved with the model
+    # (GPT.surprisal_model). Reading its own surprisal in use instead: hallucination 0.12 against 0.044
+    # on every held-out question, known accuracy 0.760 against 0.763 (the same weights)
+    frozen_surprisal: bool = True
     # the evals take every held-out question by default: they come five to a person and one name decides
     # all five, so 100 questions are 20 people (measured: the first 100 gave hallucination 0.11, all 250 0.168)
     eval_unknown: int = 0         # held-out unknown-people questions for halluc_rate; 0 = all

@@ -41,7 +41,7 @@ def hf_state_dict(model: GPT, dtype: torch.dtype = torch.float32) -> dict[str, t
     out: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict().items():
         parts = name.split(".")
-        if name == "surprisal_in.weight":
+        if name == "surprisal_in.weight" or name.startswith("surprisal_model."):
             continue  # Qwen3 has no such input: see SURPRISAL_NOTE
         if name == "embed.weight":
             hf = "model.embed_tokens.weight"
@@ -112,8 +112,9 @@ def write_hf_model(model: GPT, out_dir: Path, dtype: str = "fp32", bos_id: int |
     atomic_write_json(out_dir / "config.json", hf_config(model, dtype, bos_id, eos_id, pad_id))
 
 
-SURPRISAL_NOTE = ("This model was trained to read its own surprisal at each user token (crawl2chat's surprisal "
-                  "input, which its abstentions rest on); Qwen3 has no such input, so the export leaves it out: "
+SURPRISAL_NOTE = ("This model was trained to read a surprisal at each user token (crawl2chat's surprisal input, "
+                  "which its abstentions rest on, read from the model itself or from a frozen copy of the model it "
+                  "was fine-tuned from); Qwen3 has no such input, so the export leaves it out (and the copy): "
                   "it answers as crawl2chat does on prompts without user text, and abstains less on questions "
                   "about people it does not know.")
 

@@ -442,9 +442,8 @@ def run_idk(run_dir: Path, cfg: Config, idk_cfg: IDKConfig, train_cfg: TrainConf
     surprisal_lr_mult = 1.0
     if idk_cfg.surprisal_input and model.surprisal_in is None:
         surprisal_lr_mult = SURPRISAL_IN_LR_MULT  # the input starts at zero here
-        model = model.with_surprisal_input(tok.special_id("<|user_start|>"), tok.special_id("<|user_end|>"))
-        if idk_cfg.frozen_surprisal:
-            model.set_surprisal_source(load_model(run_dir / "sft", pick_device()))
+        model = model.with_surprisal_input(tok.special_id("<|user_start|>"), tok.special_id("<|user_end|>"),
+                                           frozen=idk_cfg.frozen_surprisal)
 
     mix, counts = build_mix(run_dir, cfg, idk_cfg, world, probed, unknown_train, search_train, search_fn)
     n_val = max(1, int(len(mix) * idk_cfg.val_fraction))
@@ -479,7 +478,6 @@ def run_idk(run_dir: Path, cfg: Config, idk_cfg: IDKConfig, train_cfg: TrainConf
     if dist_info()[0] != 0:
         return summary
     model = model.float().eval()
-    model.set_surprisal_source(None)  # from here on, the model reads its own surprisal, as it will in use
     after = honesty_evals(model, tok, unknown_eval, known_eval)
     after["surprisal_auc"] = surprisal_auc(model, tok, unknown_eval, known_eval)
     search_eval = conv.fact_questions(world, search_held, seed=idk_cfg.seed + 6)[:idk_cfg.eval_search or None]
