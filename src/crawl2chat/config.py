@@ -172,7 +172,8 @@ class RMConfig:
     surprisal_input: bool = True  # the RM reads its own surprisal at every token (a made-up fact is unlikely)
     # score += this × the reply's mean log-probability under the frozen chat model (RewardModel.reply_logp);
     # 0 = the head alone. At 1.0 held-out accuracy rose 0.67 → 0.78 (three seeds each), but RLHF gained no
-    # more gold and the term anchors the policy to the start, like a KL penalty (README, section 8)
+    # more gold and the term anchors the policy to the start, like a KL penalty (README, section 8). At 4
+    # with rm_train.lr=3e-5: 0.843-0.850 over three seeds (0.766 without), and 300 unguarded steps no longer hack it
     likelihood_weight: float = 0.0
     seed: int = 0
 
