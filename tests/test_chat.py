@@ -118,6 +118,17 @@ def test_one_shot(run_dir, capsys):
         chat.cmd_chat(parse("--out", run_dir, "-p", "  "))
 
 
+def test_abstain_threshold_option(run_dir):
+    """--abstain-threshold sets the model's threshold; outside [0, 1], or on a model without an
+    abstention threshold (the SFT model), it is an error that says so."""
+    _, model, _ = chat.load_chat(parse("--out", run_dir, "--abstain-threshold", 0))
+    assert model.cfg.abstain_threshold == 0.0
+    with pytest.raises(C2CError, match="between 0 and 1"):
+        chat.load_chat(parse("--out", run_dir, "--abstain-threshold", 1.5))
+    with pytest.raises(C2CError, match="no abstention threshold"):
+        chat.load_chat(parse("--out", run_dir, "--abstain-threshold", 0.7))
+
+
 def test_model_folder_choice(run_dir, tmp_path, capsys):
     assert chat.find_model_dir(parse("--out", run_dir)) == run_dir / "sft"
     with pytest.raises(C2CError, match="no model to chat with"):

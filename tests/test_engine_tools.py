@@ -218,3 +218,32 @@ def test_batched_tools_greedy_without_calls_equals_generate(tok, model):
     assert not {S(tok, "python_start"), S(tok, "search_start")} & {t for w in want for t in w}
     got = engine.generate_with_tools_batch(model, tok, ps, 30, {})
     assert [ids for ids, _ in got] == want and all(m == [1] * len(ids) for ids, m in got)
+
+
+def test_abstention_threshold_rules_out_an_unsure_opening_in_every_path(tok, model):
+    """With the greedy first token of a reply declared the abstention's opening: a threshold above
+    the probability the model gives it rules it out in generate, generate_with_tools and the batched
+    tool loop alike; a threshold below it, or 0, changes nothing; a sequence that does not end where a
+    reply opens is never touched."""
+    import dataclasses
+    ps = [prompt(tok, "the cat sat on the mat"), prompt(tok, "the river flows")]
+    stops = [S(tok, "assistant_end"), tok.bos_id]
+    plain = generate(model, ps, 12, stop_ids=stops, ragged=True)
+    with torch.no_grad():
+        probs = [model(torch.tensor([p]))[0, -1].softmax(-1) for p in ps]
+    first = plain[0][0]
+    p_first = float(probs[0][first])
+    gated = GPT(dataclasses.replace(model.cfg, reply_open=S(tok, "assistant_start"), abstain_ids=[first]))
+    gated.load_state_dict(model.state_dict())
+    gated.eval()
+    for threshold, ruled_out in ((p_first + 1e-3, True), (p_first - 1e-3, False), (0.0, False)):
+        gated.cfg.abstain_threshold = threshold
+        got = generate(gated, ps, 12, stop_ids=stops, ragged=True)
+        assert (got[0][0] != first) == ruled_out and (got == plain) == (not ruled_out)
+        if ruled_out:  # the most likely token other than the opening
+            assert got[0][0] == int(probs[0].clone().index_fill_(0, torch.tensor([first]), -1).argmax())
+        assert generate_with_tools(gated, tok, ps[0], 12, {})[0] == got[0]
+        assert [ids for ids, _ in engine.generate_with_tools_batch(gated, tok, ps, 12, {})] == got
+    gated.cfg.abstain_threshold = 2.0
+    mid = ps[0][:-1]  # ends inside the user's message, not where a reply opens
+    assert generate(gated, [mid], 5)[0] == generate(model, [mid], 5)[0]

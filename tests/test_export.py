@@ -210,3 +210,18 @@ def test_surprisal_input_is_left_out_and_said(exported, tmp_path, frozen):
     with torch.no_grad():
         torch.testing.assert_close(hf(torch.tensor([plain])).logits, model(torch.tensor([plain])), atol=1e-4, rtol=0)
         assert not torch.allclose(hf(torch.tensor([user])).logits, model(torch.tensor([user])), atol=1e-3)
+
+
+def test_abstention_threshold_is_said(exported, tmp_path):
+    """The threshold lives in crawl2chat's decoding, not in the weights: the export keeps the weights
+    and says in the summary and the model card what transformers will not do."""
+    import dataclasses
+    d, tok = exported["dir"], exported["tok"]
+    cfg = dataclasses.replace(exported["model"].cfg, reply_open=tok.special_id("<|assistant_start|>"),
+                              abstain_ids=[5], abstain_threshold=0.75)
+    model = type(exported["model"])(cfg)
+    model.load_state_dict(exported["model"].state_dict())
+    save_model(model, tmp_path / "idk")
+    summary = export_hf(tmp_path / "idk", d / "tokenizer", tmp_path / "hf")
+    assert summary["abstain_threshold_dropped"] == 0.75 and not exported["summary"]["abstain_threshold_dropped"]
+    assert "abstention threshold (0.750" in (tmp_path / "hf" / "README.md").read_text()

@@ -8,6 +8,7 @@ import math
 import random
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -167,6 +168,39 @@ def test_invented_name_sets_are_disjoint_and_drawn_from_their_parts():
         assert all(n.split()[0] in firsts and n.split()[-1] in lasts for n in names[1] + names[2])
 
 
+def test_fresh_names_are_nobody_and_in_no_training_set():
+    """The fresh names of halluc_rate_fresh recombine every person's name parts (a surname only half B
+    bears included), and are neither a person's name nor in any of the training sets."""
+    from crawl2chat.config import IDKConfig, WorldConfig
+    from crawl2chat.world import build_world
+    world = build_world(WorldConfig(n_known=40, n_search_only=6, n_unknown=6, n_towns=8, n_companies=8,
+                                    n_math_pages=2, n_problems_train=4, n_problems_test=2, n_bignum_train=2,
+                                    n_bignum_test=2))
+    probed = world["splits"]["known_a"][:6]
+    cfg = IDKConfig(invented_people=30, invented_search=30, invented_found=30)
+    fresh = idk.fresh_name_questions(world, cfg, probed, 60)
+    names = [q["name"] for q in fresh]
+    assert len(names) == 60 == len(set(names)) and all(q["known"] is False for q in fresh)
+    trained = {q["name"] for qs in idk.invented_name_sets(world, cfg, probed) for q in qs}
+    assert not set(names) & (trained | {p["name"] for p in world["people"]})
+    assert {n.split()[-1] for n in names} - {n.split()[-1] for n in world["splits"]["known_a"]}
+    assert fresh == idk.fresh_name_questions(world, cfg, probed, 60)
+
+
+def test_threshold_for_budget_answers_at_most_the_budget():
+    answered = np.array([True, False, False, False, False, False, False, False, False, False])
+    flips = np.array([False, True, True, True, False, True, True, True, True, True])
+    mass = np.array([0.0, 0.9, 0.6, 0.7, 0.3, 0.95, 0.99, 0.8, 0.97, 0.98])
+    # 10 questions, 1 answered already: a budget of 0.3 lets the two abstentions opened least surely go
+    t = idk.threshold_for_budget(answered, flips, mass, 0.3)
+    assert t == 0.8 and ((mass < t) & flips).sum() == 2
+    assert idk.threshold_for_budget(answered, flips, mass, 0.1) == 0.6  # nothing more may be answered
+    assert idk.threshold_for_budget(answered, flips, mass, 0.05) == 0.0  # over budget without a threshold
+    assert idk.threshold_for_budget(answered, flips, mass, 1.0) == 1.0
+    # an abstention that stays one when ruled out (mass 0.3 at index 4) never counts
+    assert idk.threshold_for_budget(answered, flips, mass, 0.2) == 0.7
+
+
 def test_invented_found_conversations_copy_a_made_up_result():
     from crawl2chat.config import WorldConfig
     from crawl2chat.world import build_world
@@ -246,7 +280,7 @@ def test_run_idk_end_to_end(smoke_run, copy_run, tmp_path):
     cfg.chat_data.probe_holdout = 2
     icfg = idk.IDKConfig(questions=[str(questions)], probe_people=3, k=2, m=1, max_new_tokens=12, known_search=3, invented_people=30,
                          n_bignum=3, n_word_python=4, eval_people=2, eval_search=3, eval_bignum=2,
-                         pretrain_share=0.5)
+                         pretrain_share=0.5, eval_fresh=7, calib_names=20, halluc_budget=0.5)
     tc = TrainConfig(steps=3, batch_size=4, lr=1e-4, warmup_steps=1, eval_every=3, eval_batches=1,
                      ckpt_every=3, dtype="fp32")
     out = idk.run_idk(run, cfg, icfg, tc)
@@ -263,7 +297,17 @@ def test_run_idk_end_to_end(smoke_run, copy_run, tmp_path):
     assert out["probe_known_share"] == sum(r["known"] for r in probe) / len(probe)
     for key in ["halluc_rate_before", "halluc_rate_after", "known_acc_before", "known_acc_after",
                 "search_acc_tools", "search_acc_no_tools", "bignum_acc_python", "bignum_acc_no_python",
-                "name_surprisal_auc_before", "name_surprisal_auc_after"]:
+                "name_surprisal_auc_before", "name_surprisal_auc_after", "halluc_rate_fresh"]:
+        assert 0.0 <= out[key] <= 1.0, key
+    assert out["fresh_n"] == 7 and out["calib_n"] == 20
+    # the abstention threshold: set where at most the budget of the calibration names get an answer,
+    # saved with the model, and the evals ran with it
+    assert 0.0 <= out["abstain_threshold"] <= 1.0 and out["calib_halluc"] <= 0.5 or out["abstain_threshold"] == 0.0
+    assert out["calib_halluc"] >= out["calib_halluc_ungated"]
+    saved = load_model(run / "idk").cfg
+    assert saved.abstain_threshold == out["abstain_threshold"] and list(saved.abstain_ids) == idk.abstain_ids(
+        Tokenizer.load(run / "tokenizer")) and saved.reply_open == Tokenizer.load(run / "tokenizer").special_id("<|assistant_start|>")
+    for key in ["halluc_rate_after_ungated", "known_acc_after_ungated"]:
         assert 0.0 <= out[key] <= 1.0, key
     assert out["known_n"] == 2 * 5 and out["search_n"] == 3 and out["bignum_n"] == 2
     assert out["halluc_n"] == 5 * out["unknown_heldout_people"] > 0

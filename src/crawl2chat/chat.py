@@ -40,6 +40,10 @@ def build_chat_parser(sub) -> None:
     p.add_argument("--compile", action="store_true",
                    help="decode with torch.compile: the first reply waits for the compile (tens of seconds on "
                         "a CPU), later tokens come faster (c2c bench generate measures it)")
+    p.add_argument("--abstain-threshold", type=float, default=None, metavar="P",
+                   help="a reply may open with \"I don't know\" only where the model gives that opening at "
+                        "least this probability; 0 = plain decoding (default: the threshold `c2c idk` set for "
+                        "its hallucination budget, saved with the model)")
     p.add_argument("--tools", action=argparse.BooleanOptionalAction, default=None,
                    help="let the model call web search (the run's search index) and Python, each call and "
                         f"its output shown as it happens (default: on for the {', '.join(TOOL_STAGES)} "
@@ -163,6 +167,13 @@ def load_chat(args):
     from crawl2chat.train import load_model, pick_device
     model_dir = find_model_dir(args)
     model = load_model(model_dir, pick_device()).eval()
+    threshold = getattr(args, "abstain_threshold", None)
+    if threshold is not None:
+        if not 0.0 <= threshold <= 1.0:
+            raise C2CError(f"--abstain-threshold must be between 0 and 1 (got {threshold})")
+        if threshold > 0 and not model.cfg.abstain_ids:
+            raise C2CError(f"{model_dir}: this model has no abstention threshold to set (models from idk on have)")
+        model.cfg.abstain_threshold = threshold
     tok_dir = model_dir if (model_dir / "tokenizer.json").exists() else args.out / "tokenizer"
     return model_dir, model, Tokenizer.load(tok_dir)
 

@@ -141,6 +141,13 @@ class IDKConfig:
     # all five, so 100 questions are 20 people (measured: the first 100 gave hallucination 0.11, all 250 0.168)
     eval_unknown: int = 0         # held-out unknown-people questions for halluc_rate; 0 = all
     eval_people: int = 0          # known_b people for known_acc (× 5 attributes); 0 = all
+    # the abstention threshold (idk.calibrate_abstention): the highest at which at most this share of
+    # questions about calib_names fresh invented names get an answer; 0 = no threshold (plain greedy).
+    # 0.10 is the bound the evals hold hallucination to; 500 names gave 0.072 and 0.106 answered
+    # without a threshold in two draws, 2000 gave 0.080
+    halluc_budget: float = 0.10
+    calib_names: int = 2000
+    eval_fresh: int = 500         # questions about fresh invented names for halluc_rate_fresh (idk.fresh_name_questions); 0 = none
     eval_search: int = 200        # held-out search-only questions evaluated with tools (60 gave ±0.06)
     eval_bignum: int = 50         # bignum_test problems evaluated
     val_fraction: float = 0.05

@@ -41,6 +41,26 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
     return torch.where(ids < cdf.size(-1), ids, logits.argmax(-1))  # u rounded up onto the total: rare
 
 
+def gate_abstention(model: GPT, logits: torch.Tensor, last_ids: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] of the next token after last_ids [B]. On rows whose last id opens a reply, the
+    first tokens of an abstention stay possible only where the model gives them at least
+    cfg.abstain_threshold together (idk.calibrate_abstention); elsewhere, or with the threshold 0, the
+    logits pass unchanged."""
+    cfg = model.cfg
+    if cfg.abstain_threshold <= 0 or not cfg.abstain_ids:
+        return logits
+    at = last_ids.to(logits.device) == cfg.reply_open
+    if not bool(at.any()):
+        return logits
+    ids = torch.tensor(list(cfg.abstain_ids), dtype=torch.long, device=logits.device)
+    drop = at & (logits.float().softmax(-1)[:, ids].sum(-1) < cfg.abstain_threshold)
+    out = logits.clone()
+    sub = out[:, ids]
+    sub[drop] = float("-inf")
+    out[:, ids] = sub
+    return out
+
+
 @torch.no_grad()
 def generate_batch(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
                    top_k: int | None = None, top_p: float | None = None, stop_ids: Sequence[int] = (),
@@ -65,7 +85,8 @@ def generate_batch(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens:
     if key_mask is not None:
         cache.key_mask = torch.ones(B, L, dtype=torch.bool, device=device)
         cache.key_mask[:, :T0] = key_mask.to(device)
-    logits = model(torch.tensor(prompts, dtype=torch.long, device=device), cache=cache)[:, -1]
+    x = torch.tensor(prompts, dtype=torch.long, device=device)
+    logits = gate_abstention(model, model(x, cache=cache)[:, -1], x[:, -1])
     out: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
     stops = set(stop_ids)
@@ -219,7 +240,8 @@ def generate_with_tools(model: GPT, tok, prompt_ids: Sequence[int], max_new_toke
     was_training = model.training
     model.eval()
     cache = KVCache(model.cfg, 1, limit, device, next(model.parameters()).dtype, fused=model.decode_weights())
-    logits = model(torch.tensor([list(prompt_ids)], dtype=torch.long, device=device), cache=cache)[:, -1]
+    x = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
+    logits = gate_abstention(model, model(x, cache=cache)[:, -1], x[:, -1])
     call_kind, call_start, n_calls = None, 0, 0
     for _ in range(max_new_tokens):
         t = int(sample_next(logits, temperature, top_k, top_p, generator)[0])
@@ -332,7 +354,7 @@ def generate_with_tools_batch(model: GPT, tok, prompts: Sequence[Sequence[int]],
                 cache.key_mask[:, cache.pos:cache.pos + T] = torch.tensor(
                     [[j >= T - len(c) for j in range(T)] for c in chunk], device=device)
                 x = torch.tensor([[0] * (T - len(c)) + c for c in chunk], dtype=torch.long, device=device)
-                logits = model(x, cache=cache)[:, -1]
+                logits = gate_abstention(model, model(x, cache=cache)[:, -1], x[:, -1])
                 waiting: set[int] = set()  # rows that closed a call
                 done: set[int] = set()     # rows that finished
                 while True:

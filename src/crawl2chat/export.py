@@ -119,6 +119,14 @@ SURPRISAL_NOTE = ("This model was trained to read a surprisal at each user token
                   "about people it does not know.")
 
 
+
+def abstain_note(threshold: float) -> str:
+    return (f"crawl2chat decodes this model with an abstention threshold ({threshold:.3f}, set by `c2c idk` for a "
+            "hallucination budget): a reply may open with \"I don't know\" only where the model gives that "
+            "opening at least this probability. transformers' generate() has no such rule, so the export "
+            "abstains wherever the opening is the most likely token: more often on people it knows.")
+
+
 def _model_card(model: GPT, model_dir: Path, dtype: str, n_params: int) -> str:
     c = model.cfg
     return f"""---
@@ -153,7 +161,8 @@ Notes
 - crawl2chat encodes message text with special tokens disabled; the chat template here produces one
   string, so a special-token string typed inside a message (e.g. `<|user_end|>`) becomes a special id.
 - The context is {c.seq_len} tokens (`max_position_embeddings`); the model never saw longer sequences.
-""" + (f"- {SURPRISAL_NOTE}\n" if model.surprisal_in is not None else "")
+""" + (f"- {SURPRISAL_NOTE}\n" if model.surprisal_in is not None else "") + (
+        f"- {abstain_note(c.abstain_threshold)}\n" if c.abstain_threshold > 0 else "")
 
 
 def export_hf(model_dir: Path, tokenizer_dir: Path, out_dir: Path, dtype: str = "fp32") -> dict:
@@ -194,6 +203,7 @@ def export_hf(model_dir: Path, tokenizer_dir: Path, out_dir: Path, dtype: str = 
             "dtype": dtype, "params": n_params, "vocab_size": model.cfg.vocab_size,
             "context": model.cfg.seq_len, "files": files,
             "surprisal_input_dropped": model.surprisal_in is not None,
+            "abstain_threshold_dropped": model.cfg.abstain_threshold,
             "bytes": sum((out_dir / f).stat().st_size for f in files)}
 
 
@@ -237,4 +247,6 @@ def cmd_export(args) -> dict:
     print(json.dumps(summary, indent=2))
     if summary["surprisal_input_dropped"]:
         print(f"note: {SURPRISAL_NOTE}", file=sys.stderr)
+    if summary["abstain_threshold_dropped"]:
+        print(f"note: {abstain_note(summary['abstain_threshold_dropped'])}", file=sys.stderr)
     return summary

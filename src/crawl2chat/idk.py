@@ -27,7 +27,7 @@ from crawl2chat import conversations as conv
 from crawl2chat import tools
 from crawl2chat import world as world_mod
 from crawl2chat.chat_template import TOOLS_SYSTEM, render
-from crawl2chat.common import C2CError, dist_info, iter_jsonl, write_jsonl
+from crawl2chat.common import C2CError, atomic_write_json, dist_info, iter_jsonl, write_jsonl
 from crawl2chat.config import Config, IDKConfig, TrainConfig
 from crawl2chat.engine import fit_prompt, generate, generate_with_tools_batch, tool_parts_from_ids
 from crawl2chat.evals import chat_replies, contains_answer, normalize
@@ -309,6 +309,65 @@ def tool_evals(model, tok, search_qs: list[dict], bignum: list[dict], search_fn)
                               list(zip(search_qs, with_tools_full))[:3] + list(zip(bignum, py_full))[:2]]}
 
 
+# ---- the abstention threshold ---------------------------------------------------------------------
+
+def abstain_ids(tok) -> list[int]:
+    """The first token of every abstention phrasing, as it opens a reply."""
+    opening = render(tok, user("x"), add_generation_prompt=True)[0]
+    return sorted({render(tok, user("x") + [{"role": "assistant", "content": r.format(name="Ann Lee", what="job")}])[0]
+                   [len(opening)] for r in IDK_REPLIES + IDK_GENERIC})
+
+
+@torch.no_grad()
+def abstain_mass(model, tok, questions: list[dict]) -> np.ndarray:
+    """The probability the model gives an abstention's first token at the start of its reply, per question."""
+    ids = torch.tensor(abstain_ids(tok))
+    prompts = [render(tok, user(q["question"]), add_generation_prompt=True)[0] for q in questions]
+    out = np.zeros(len(prompts))
+    by_len: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_len.setdefault(len(p), []).append(i)
+    device = next(model.parameters()).device
+    for idxs in by_len.values():
+        for s in range(0, len(idxs), 128):
+            chunk = idxs[s:s + 128]
+            logits = model(torch.tensor([prompts[i] for i in chunk], device=device))[:, -1].float()
+            out[chunk] = logits.softmax(-1)[:, ids.to(device)].sum(-1).cpu().numpy()
+    return out
+
+
+def calibrate_abstention(model, tok, questions: list[dict], budget: float) -> dict:
+    """Set the model's abstention threshold (engine.gate_abstention) to the highest at which at most
+    `budget` of `questions` (about nobody: fresh_name_questions) get an answer, and return what it
+    measured. The gate only removes abstentions, so a question answered without it stays answered; an
+    abstention that opens with less probability than the threshold becomes the reply the model gives
+    with that opening ruled out. The fine-tune ranks its own abstentions well but places their cut too
+    low: it was trained on thousands of names refused against 240 answered."""
+    cfg = model.cfg
+    cfg.reply_open, cfg.abstain_ids = tok.special_id("<|assistant_start|>"), abstain_ids(tok)
+    cfg.abstain_threshold = 0.0
+    asked = [user(q["question"]) for q in questions]
+    answered = np.array([not is_abstention(t) for t, _ in chat_replies(model, tok, asked)])
+    cfg.abstain_threshold = 2.0  # every opening abstention ruled out: the reply given in its place
+    flips = ~answered & np.array([not is_abstention(t) for t, _ in chat_replies(model, tok, asked)])
+    mass = abstain_mass(model, tok, questions)
+    cfg.abstain_threshold = threshold = threshold_for_budget(answered, flips, mass, budget)
+    n_answered = int(answered.sum() + (mass[flips] < threshold).sum())
+    return {"abstain_threshold": threshold, "calib_n": len(questions),
+            "calib_halluc_ungated": float(answered.mean()), "calib_halluc": n_answered / max(1, len(questions))}
+
+
+def threshold_for_budget(answered: np.ndarray, flips: np.ndarray, mass: np.ndarray, budget: float) -> float:
+    """The highest threshold at which at most `budget` of the questions get an answer: those `answered`
+    without it, and the `flips` (abstentions that become answers when ruled out) whose opening `mass`
+    is below it. 0 (no threshold) when `answered` alone exceed the budget."""
+    allowed = int(np.floor(budget * len(answered) + 1e-9)) - int(answered.sum())
+    order = np.sort(mass[flips])  # each abstention becomes an answer once the threshold passes its mass
+    if allowed < 0:
+        return 0.0
+    return 1.0 if allowed >= len(order) else float(order[allowed])
+
+
 # ---- the stage ----------------------------------------------------------------------------------------
 
 def invented_people_questions(world: dict, n: int, seed: int, parts_of: list[str] | None = None) -> list[dict]:
@@ -361,6 +420,16 @@ def invented_name_sets(world: dict, idk_cfg: IDKConfig, probe_names: list[str]) 
     found = [q for q in invented_people_questions(world, idk_cfg.invented_found + len(taken), idk_cfg.seed + 7,
                                                   parts_of=parts_of) if q["name"] not in taken][:idk_cfg.invented_found]
     return invented, nobody_found, found
+
+
+def fresh_name_questions(world: dict, idk_cfg: IDKConfig, probe_names: list[str], n: int) -> list[dict]:
+    """n questions, one each, about names no person has and no training set uses, recombining every
+    person's first names and surnames, as the unknown people's names do: a second, larger estimate of
+    the hallucination rate than the held-out unknown people (50 in the tiny world, five questions each).
+    Those hold few names whose surname only half-B people bear, the kind the model answers most."""
+    taken = {q["name"] for qs in invented_name_sets(world, idk_cfg, probe_names) for q in qs}
+    qs = invented_people_questions(world, n + len(taken), idk_cfg.seed + 11)
+    return [q for q in qs if q["name"] not in taken][:n]
 
 
 def build_mix(run_dir: Path, cfg: Config, idk_cfg: IDKConfig, world: dict, probed: list[dict],
@@ -478,6 +547,12 @@ def run_idk(run_dir: Path, cfg: Config, idk_cfg: IDKConfig, train_cfg: TrainConf
     if dist_info()[0] != 0:
         return summary
     model = model.float().eval()
+    fresh = fresh_name_questions(world, idk_cfg, probe_names, idk_cfg.calib_names + idk_cfg.eval_fresh)
+    calib_qs, fresh = fresh[:idk_cfg.calib_names], fresh[idk_cfg.calib_names:]
+    ungated = honesty_evals(model, tok, unknown_eval, known_eval)
+    if idk_cfg.halluc_budget > 0 and calib_qs:
+        summary.update(calibrate_abstention(model, tok, calib_qs, idk_cfg.halluc_budget))
+        atomic_write_json(out_dir / "config.json", model.cfg.to_dict())
     after = honesty_evals(model, tok, unknown_eval, known_eval)
     after["surprisal_auc"] = surprisal_auc(model, tok, unknown_eval, known_eval)
     search_eval = conv.fact_questions(world, search_held, seed=idk_cfg.seed + 6)[:idk_cfg.eval_search or None]
@@ -487,9 +562,15 @@ def run_idk(run_dir: Path, cfg: Config, idk_cfg: IDKConfig, train_cfg: TrainConf
                     "known_acc_before": before["known_acc"], "known_acc_after": after["known_acc"],
                     "known_abstain_before": before["known_abstain_rate"],
                     "known_abstain_after": after["known_abstain_rate"],
+                    # the same model without the abstention threshold (the replies greedy decoding gives)
+                    "halluc_rate_after_ungated": ungated["halluc_rate"], "known_acc_after_ungated": ungated["known_acc"],
                     "halluc_n": len(unknown_eval), "known_n": len(known_eval),
                     # the signal an abstention could rest on: the name's surprisal (unknown vs known people)
                     "name_surprisal_auc_before": before["surprisal_auc"], "name_surprisal_auc_after": after["surprisal_auc"],
                     "examples_before": before["examples"], "examples_after": after["examples"]})
+    if fresh:
+        replies = chat_replies(model, tok, [user(q["question"]) for q in fresh])
+        summary.update({"halluc_rate_fresh": sum(not is_abstention(t) for t, _ in replies) / len(fresh),
+                        "fresh_n": len(fresh)})
     summary.update(tool_evals(model, tok, search_eval, bignum, search_fn))
     return summary

@@ -4,7 +4,7 @@ one, no biases), so a checkpoint exports to Hugging Face unchanged."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.nn as nn
@@ -32,6 +32,12 @@ class GPTConfig:
     # read it from a frozen copy of the model the input was added to (GPT.surprisal_model, saved with
     # the weights), not from the weights being trained
     surprisal_frozen: bool = False
+    # the abstention threshold (idk.calibrate_abstention, engine.gate_abstention): at a reply's first
+    # token (after the id `reply_open`) the first tokens of "I don't know" (`abstain_ids`) stay possible
+    # only where the model gives them at least `abstain_threshold` together; 0 = off
+    reply_open: int = -1
+    abstain_ids: list = field(default_factory=list)
+    abstain_threshold: float = 0.0
 
     @classmethod
     def from_depth(cls, depth: int, vocab_size: int, seq_len: int, aspect_ratio: int = 64, head_dim: int = 64):
@@ -55,7 +61,8 @@ class GPTConfig:
 def plain_config(cfg: GPTConfig) -> GPTConfig:
     """The GPT shape of cfg (a subclass's extra fields dropped) with no surprisal input."""
     base = GPTConfig(**{f.name: getattr(cfg, f.name) for f in fields(GPTConfig)})
-    return replace(base, surprisal_open=-1, surprisal_close=-1, surprisal_all=False, surprisal_frozen=False)
+    return replace(base, surprisal_open=-1, surprisal_close=-1, surprisal_all=False, surprisal_frozen=False,
+                   reply_open=-1, abstain_ids=[], abstain_threshold=0.0)
 
 
 def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
