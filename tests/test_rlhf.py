@@ -63,6 +63,9 @@ def test_adversarial_examples_are_high_proxy_low_gold():
              {"prompt": "p", "response": "fine", "proxy": 9.0, "gold": 0.9, "prompt_index": 1}]
     adv = adversarial([(0, start), (10, later)], k=5)
     assert [a["response"] for a in adv] == ["hack"] and adv[0]["step"] == 10
+    # the same reply at a later evaluation is listed once, at its first step
+    adv = adversarial([(0, start), (10, later), (20, later)], k=5)
+    assert [a["response"] for a in adv] == ["hack"] and adv[0]["step"] == 10
 
 
 def _configs():
@@ -148,3 +151,8 @@ def test_hacking_verdict_needs_the_proxy_up_and_golds_interval_below_zero():
     assert hacking_verdict(dict(start, gold_after=0.70, gold_diff_ci95=[-0.11, -0.03]))[0]
     assert not hacking_verdict(dict(start, gold_after=0.76, gold_diff_ci95=[-0.04, 0.02]))[0]
     assert hacking_verdict({"proxy_after": 1.0}) is None
+    # a peak on the watched prompts whose weights score below the start on fresh samples: from the start
+    low_peak = dict(base, gold_at_peak=0.70, gold_after=0.76, gold_from_peak=0.06, gold_from_peak_ci95=[0.01, 0.11])
+    hacked, text = hacking_verdict(dict(low_peak, gold_diff_ci95=[-0.07, -0.004]))
+    assert hacked and "from the start" in text and "0.770 → 0.760" in text
+    assert not hacking_verdict(dict(low_peak, gold_diff_ci95=[-0.03, 0.01]))[0]

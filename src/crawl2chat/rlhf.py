@@ -106,7 +106,8 @@ def guard_decision(curve: list[dict], rc: RLHFConfig) -> str | None:
 
 def adversarial(evals: list[tuple[int, list[dict]]], k: int) -> list[dict]:
     """Replies whose proxy is above the start's mean and gold below it, most divergent first (z-scores
-    against the first evaluation's replies)."""
+    against the first evaluation's replies); a reply the policy gave again at a later evaluation is
+    listed once, at its first step."""
     base = evals[0][1]
     def stats(key):
         v = torch.tensor([r[key] for r in base])
@@ -114,6 +115,8 @@ def adversarial(evals: list[tuple[int, list[dict]]], k: int) -> list[dict]:
     (pm, ps), (gm, gs) = stats("proxy"), stats("gold")
     cands = [dict(r, step=step, gap=(r["proxy"] - pm) / ps - (r["gold"] - gm) / gs)
              for step, rows in evals for r in rows if r["proxy"] > pm and r["gold"] < gm]
+    seen: set = set()
+    cands = [r for r in cands if (r["prompt"], r["response"]) not in seen and not seen.add((r["prompt"], r["response"]))]
     cands.sort(key=lambda r: -r["gap"])
     return [{k2: v for k2, v in r.items() if k2 != "prompt_index"} for r in cands[:k]]
 
