@@ -94,6 +94,29 @@ def test_world_pairs_two_by_two_or_every_pair_labelled_by_the_rubric(monkeypatch
     assert all(scores[p["chosen"]] < scores[p["rejected"]] for p in flipped) and stats["label_agreement"] == 0.0
 
 
+def test_world_pairs_and_rlhf_score_a_cut_off_reply_as_a_finished_turn(tmp_path, monkeypatch):
+    """A reply cut off at max_new_tokens gets <|assistant_end|> appended (once; an ended one is kept as it
+    is), both in the pairs the reward model trains on and in what RLHF scores: the likelihood term then
+    includes the log-probability of stopping there."""
+    from crawl2chat import rm as rm_mod
+    from crawl2chat.rlhf import rm_rewards
+    END = 6
+    assert rm_mod.finished([[1, 5, 7], [1, 5, 7, END]], END) == [[1, 5, 7, END], [1, 5, 7, END]]
+    meta = {"kind": "about", "name": "Ann Lee", "facts": {"birth_year": "1950"}, "others": []}
+    replies = [("Ann Lee was born in 1950. I hope that helps!", [7, 8, END], True), ("Ann Lee was", [9, 10], False)]
+    monkeypatch.setattr(rm_mod, "sample_completions", lambda policy, tok, qs, k, *a: [
+        ([1, 3, 4, 2], ids, text, ended) for _ in qs for text, ids, ended in replies[:k]])
+    tok = type("Tok", (), {"special_id": lambda self, s: {"<|assistant_end|>": END, "<|pad|>": 0}[s]})()
+    pairs, _ = rm_mod.world_pairs(None, tok, [{"prompt": "Who is Ann Lee?", "meta": meta}],
+                                  RMConfig(samples_per_prompt=2, margin=0.0), 0.0, 0)
+    assert pairs[0]["chosen_ids"] == [1, 3, 4, 2, 7, 8, END] and pairs[0]["rejected_ids"] == [1, 3, 4, 2, 9, 10, END]
+    _saved_chat(tmp_path / "chat")
+    rm = from_chat_model(tmp_path / "chat", None, likelihood_weight=1.0, reply_start=2)
+    cut = [1, 3, 4, 2, 9, 10]
+    torch.testing.assert_close(rm_rewards(rm, tok, [cut]), score_seqs(rm, [cut + [END]], 0))
+    assert not torch.allclose(rm_rewards(rm, tok, [cut]), score_seqs(rm, [cut], 0))
+
+
 def test_reward_model_on_hh_rlhf_pairs(smoke_run, copy_run):
     """The real-data path: a smoke-size RM trained on 160 HH-RLHF pairs, accuracy on 40 held out (reported,
     no threshold: a 100k-parameter model on 64-token windows is near chance)."""

@@ -24,7 +24,7 @@ from crawl2chat import world as world_mod
 from crawl2chat.common import C2CError, atomic_write_json, dist_info, read_json, write_jsonl
 from crawl2chat.config import Config, RLHFConfig, TrainConfig
 from crawl2chat.rl import Rollouts, completion_logp, group_advantages, grpo_token_loss, per_token_logp, sample_completions
-from crawl2chat.rm import RMConfig, init_dir, load_reward_model, score_seqs, world_prompt_sets
+from crawl2chat.rm import RMConfig, finished, init_dir, load_reward_model, score_seqs, world_prompt_sets
 from crawl2chat.tokenizer import Tokenizer
 from crawl2chat.train import load_model, save_model, train
 
@@ -33,8 +33,9 @@ class GuardStop(Exception):
     """Raised between steps to end training when the guard fires."""
 
 
-def rm_rewards(rm, seqs: list[list[int]], pad: int) -> torch.Tensor:
-    return score_seqs(rm, seqs, pad)
+def rm_rewards(rm, tok: Tokenizer, seqs: list[list[int]]) -> torch.Tensor:
+    """The reward model's scores of prompt + reply sequences, each read as a finished turn."""
+    return score_seqs(rm, finished(seqs, tok.special_id("<|assistant_end|>")), tok.special_id("<|pad|>"))
 
 
 @torch.no_grad()
@@ -45,7 +46,7 @@ def evaluate(policy, ref, rm, tok: Tokenizer, prompts: list[dict], n: int, max_n
     samples = sample_completions(policy, tok, [p["prompt"] for p in prompts], n, max_new_tokens, 1.0, seed)
     seqs, plens = [p + c for p, c, _, _ in samples], [len(p) for p, _, _, _ in samples]
     device = next(policy.parameters()).device
-    proxy = rm_rewards(rm, seqs, pad)
+    proxy = rm_rewards(rm, tok, seqs)
     gold = torch.tensor([rubric.score(prompts[i // n]["meta"], t, e) for i, (_, _, t, e) in enumerate(samples)])
     lp = per_token_logp(policy, seqs, plens, pad, device)
     lr = per_token_logp(ref, seqs, plens, pad, device)
@@ -183,7 +184,7 @@ def run_rlhf(run_dir: Path, cfg: Config, rlhf_cfg: RLHFConfig, train_cfg: TrainC
                                          rc.temperature, rc.seed + 7919 * step + rank)
             policy.train()
             seqs, plens = [p + c for p, c, _, _ in samples], [len(p) for p, _, _, _ in samples]
-            R = rm_rewards(rm, seqs, pad).view(len(mine), rc.group_size)
+            R = rm_rewards(rm, tok, seqs).view(len(mine), rc.group_size)
             gold = [rubric.score(mine[i // rc.group_size]["meta"], t, e) for i, (_, _, t, e) in enumerate(samples)]
             adv = group_advantages(R, rc.scale_std).view(-1)
             keep = [i for i, s in enumerate(samples) if s[1]]

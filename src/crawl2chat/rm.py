@@ -137,7 +137,9 @@ def _batch(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch
 
 @torch.no_grad()
 def score_seqs(rm: RewardModel, seqs: list[list[int]], pad: int, chunk: int = 32) -> torch.Tensor:
-    """Rewards of token sequences (prompt + reply), in chunks."""
+    """Rewards of token sequences (prompt + reply), in chunks; one longer than the model's window keeps
+    its first token and its end."""
+    seqs = [fit(s, rm.cfg.seq_len, s[0]) for s in seqs]
     was = rm.training
     rm.eval()
     device = next(rm.parameters()).device
@@ -171,6 +173,15 @@ def tokenize_pairs(tok: Tokenizer, pairs: list[dict], max_len: int) -> list[dict
     return out
 
 
+def finished(seqs: list[list[int]], end: int) -> list[list[int]]:
+    """Each prompt + reply as a finished turn: <|assistant_end|> appended to a reply cut off at
+    max_new_tokens. The head then always reads the end-of-turn token, as it does for files' pairs, and the
+    likelihood term carries how unlikely stopping there is (a cut-off reply loses the rubric's ending and
+    usually rambles). Measured on a run's 299 held-out pairs, 88 of whose 598 replies were cut off: the
+    untrained likelihood ranked 0.829 without it, 0.846 with it."""
+    return [s if s and s[-1] == end else s + [end] for s in seqs]
+
+
 def world_pairs(policy: GPT, tok: Tokenizer, prompts: list[dict], rc: RMConfig, noise: float,
                 seed: int, all_pairs: bool = False) -> tuple[list[dict], dict]:
     """rc.samples_per_prompt sampled replies per prompt, paired (every pair with all_pairs, as a
@@ -180,6 +191,7 @@ def world_pairs(policy: GPT, tok: Tokenizer, prompts: list[dict], rc: RMConfig, 
     samples = sample_completions(policy, tok, [p["prompt"] for p in prompts], k, rc.max_new_tokens,
                                  rc.temperature, seed)
     which = list(combinations(range(k), 2)) if all_pairs else [(j, j + 1) for j in range(0, k, 2)]
+    end = tok.special_id("<|assistant_end|>")
     rng = random.Random(seed)
     pairs, agree, ties = [], 0, 0
     for i, p in enumerate(prompts):
@@ -191,7 +203,8 @@ def world_pairs(policy: GPT, tok: Tokenizer, prompts: list[dict], rc: RMConfig, 
                 continue
             true = rubric.label_pair(p["meta"], ta, tb, rng, 0.0, (ea, eb), rc.margin)
             agree += label == true
-            (ci, ct), (ri, rt) = ((pa + ca, ta), (pb + cb, tb)) if label == 0 else ((pb + cb, tb), (pa + ca, ta))
+            ia, ib = finished([pa + ca, pb + cb], end)
+            (ci, ct), (ri, rt) = ((ia, ta), (ib, tb)) if label == 0 else ((ib, tb), (ia, ta))
             pairs.append({"prompt": [{"role": "user", "content": p["prompt"]}], "chosen": ct, "rejected": rt,
                           "chosen_ids": ci, "rejected_ids": ri, "meta": p["meta"]})
     return pairs, {"ties_dropped": ties, "label_agreement": agree / max(1, len(pairs))}
